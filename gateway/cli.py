@@ -1,0 +1,454 @@
+"""``ftp-gateway``: serve, manage users, migrate the database.
+
+Every failure the operator can fix is one line on stderr and exit code 2 (bad flag, config, input, or a
+database schema that needs ``db upgrade``); a failure of the environment (database or port unreachable)
+is one line and exit code 1. No traceback either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import logging
+import os
+import re
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+from gateway import __version__
+from gateway import log as gateway_log
+from gateway.config import ConfigError, Settings, load_settings, parse_host_port, parse_port_range
+from gateway.users.db import DatabaseError, create_engine, describe_error, ensure_schema, schema_revisions, upgrade
+from gateway.users.passwords import Passwords
+from gateway.users.store import (
+    PERMISSION_MODES,
+    UserChanges,
+    UserError,
+    UserInfo,
+    UserStore,
+    parse_permission,
+)
+
+PROG = "ftp-gateway"
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line, exit 2 (argparse prints the whole usage block first)."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+# -- argument types -------------------------------------------------------------------------------------
+
+_SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?(/s)?", re.IGNORECASE)
+
+
+def byte_rate(text: str) -> int:
+    """``0`` (unlimited), ``500000``, ``512K``, ``10M``, ``1G`` (powers of 1024) bytes per second."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid rate {text!r}: expected bytes per second such as 512K, 10M or 0")
+    exponent = " kmgt".index(match.group(2).lower() or " ")
+    return int(match.group(1)) << (10 * exponent)
+
+
+def non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(text)
+
+
+def listen_address(text: str) -> str:
+    try:
+        parse_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def port_range(text: str) -> tuple[int, int]:
+    try:
+        return parse_port_range(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def permission(text: str) -> tuple[str, bool, bool]:
+    try:
+        return parse_permission(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# -- the parser -----------------------------------------------------------------------------------------
+
+
+def build_parser() -> Parser:
+    common = Parser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML configuration file (default: $FTP_GATEWAY_CONFIG, else built-in defaults)",
+    )
+    common.add_argument("--database", metavar="URL", help="user database, e.g. sqlite:///users.db or postgresql://...")
+
+    parser = Parser(prog=PROG, description="FTP gateway onto local disk or S3, with users in a database.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+
+    serve = commands.add_parser("serve", parents=[common], help="run the FTP server")
+    serve.add_argument("--listen", type=listen_address, metavar="HOST:PORT", help="control connection address")
+    serve.add_argument("--passive-ports", type=port_range, metavar="LO-HI", help="passive data port range")
+    serve.add_argument("--masquerade-address", metavar="IP", help="IPv4 address announced in PASV replies")
+    serve.add_argument("--storage", metavar="URI", help="storage of users without their own ({username} allowed)")
+    serve.set_defaults(func=cmd_serve)
+
+    db = commands.add_parser("db", help="user database schema").add_subparsers(
+        dest="db_command", required=True, metavar="COMMAND", parser_class=Parser
+    )
+    db.add_parser("upgrade", parents=[common], help="create or upgrade the schema").set_defaults(func=cmd_db_upgrade)
+    db.add_parser("status", parents=[common], help="show the schema revision").set_defaults(func=cmd_db_status)
+
+    user = commands.add_parser("user", help="manage FTP users").add_subparsers(
+        dest="user_command", required=True, metavar="COMMAND", parser_class=Parser
+    )
+
+    add = user.add_parser("add", parents=[common], help="create a user")
+    add.add_argument("name")
+    _password_option(add)
+    add.add_argument("--storage", metavar="URI", help="file:///path or s3://bucket/prefix (default: server's)")
+    add.add_argument("--home", default="/", metavar="PATH", help="directory the session starts in (default: /)")
+    add.add_argument("--read-only", action="store_true", help="may read but not change anything under /")
+    _limit_options(add)
+    add.set_defaults(func=cmd_user_add)
+
+    listing = user.add_parser("list", parents=[common], help="list users")
+    listing.add_argument("--json", action="store_true", help="one JSON array")
+    listing.set_defaults(func=cmd_user_list)
+
+    show = user.add_parser("show", parents=[common], help="show one user")
+    show.add_argument("name")
+    show.add_argument("--json", action="store_true", help="one JSON object")
+    show.set_defaults(func=cmd_user_show)
+
+    passwd = user.add_parser("passwd", parents=[common], help="set a user's password")
+    passwd.add_argument("name")
+    _password_option(passwd)
+    passwd.set_defaults(func=cmd_user_passwd)
+
+    change = user.add_parser("set", parents=[common], help="change a user")
+    change.add_argument("name")
+    storage = change.add_mutually_exclusive_group()
+    storage.add_argument("--storage", metavar="URI")
+    storage.add_argument("--default-storage", action="store_true", help="use the server's default storage")
+    change.add_argument("--home", metavar="PATH")
+    access = change.add_mutually_exclusive_group()
+    access.add_argument("--read-only", action="store_true", help="set / to read-only")
+    access.add_argument("--read-write", action="store_true", help="set / to read-write")
+    _limit_options(change)
+    change.add_argument(
+        "--unset-perm", action="append", default=[], metavar="PATH", help="remove a permission entry (repeatable)"
+    )
+    change.set_defaults(func=cmd_user_set)
+
+    for name, func, text in (
+        ("disable", cmd_user_disable, "refuse the user's logins"),
+        ("enable", cmd_user_enable, "allow the user's logins again"),
+        ("delete", cmd_user_delete, "delete the user (files are kept)"),
+    ):
+        sub = user.add_parser(name, parents=[common], help=text)
+        sub.add_argument("name")
+        sub.set_defaults(func=func)
+    return parser
+
+
+def _password_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+
+
+def _limit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-sessions", type=non_negative_int, metavar="N", help="concurrent sessions (0: no limit)")
+    parser.add_argument("--upload-limit", type=byte_rate, metavar="RATE", help="bytes/s over all sessions, e.g. 10M")
+    parser.add_argument("--download-limit", type=byte_rate, metavar="RATE", help="bytes/s over all sessions")
+    parser.add_argument(
+        "--perm",
+        type=permission,
+        action="append",
+        default=[],
+        metavar="PATH=MODE",
+        help=f"permission on a path and below, MODE one of {', '.join(PERMISSION_MODES)} (repeatable)",
+    )
+
+
+# -- settings -------------------------------------------------------------------------------------------
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The config file < ``FTP_GATEWAY_*`` < the flags given on this command line."""
+    config = args.config or (Path(os.environ["FTP_GATEWAY_CONFIG"]) if os.environ.get("FTP_GATEWAY_CONFIG") else None)
+    overrides: dict[str, Any] = {}
+    if args.database:
+        overrides["database"] = {"url": args.database}
+    if getattr(args, "listen", None):
+        overrides["listen"] = args.listen
+    passive: dict[str, Any] = {}
+    if getattr(args, "passive_ports", None):
+        passive["port_min"], passive["port_max"] = args.passive_ports
+    if getattr(args, "masquerade_address", None):
+        passive["masquerade_address"] = args.masquerade_address
+    if passive:
+        overrides["passive"] = passive
+    if args.command == "serve" and args.storage:
+        overrides["storage"] = {"default_uri": args.storage}
+    return load_settings(config, overrides)
+
+
+def read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Repeat password: ") != password:
+            raise CliError("the passwords differ")
+    else:
+        raise CliError("no terminal to ask for the password on: pipe it in with --password-stdin")
+    if not password:
+        raise CliError("empty password")
+    return password
+
+
+# -- running against the database -----------------------------------------------------------------------
+
+
+def run_with_store(settings: Settings, action: Callable[[UserStore], Awaitable[T]]) -> T:
+    async def main() -> T:
+        engine = create_engine(settings.database)
+        try:
+            await ensure_schema(engine)
+            return await action(UserStore(engine))
+        finally:
+            await engine.dispose()
+
+    return _run(main())
+
+
+def _run(coro: Awaitable[T], failure: str = "database unavailable") -> T:
+    try:
+        return asyncio.run(coro)  # type: ignore[arg-type]
+    except (CliError, UserError, DatabaseError):
+        raise
+    except Exception as exc:
+        raise CliError(f"{failure}: {describe_error(exc)}", EXIT_FAILURE) from exc
+
+
+def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
+    async def main() -> tuple[str | None, str | None]:
+        engine = create_engine(settings.database)
+        try:
+            await upgrade(engine)
+            return await schema_revisions(engine)
+        finally:
+            await engine.dispose()
+
+    current, _ = _run(main())
+    print(f"database schema at revision {current}")
+    return 0
+
+
+def cmd_db_status(settings: Settings, args: argparse.Namespace) -> int:
+    async def main() -> tuple[str | None, str | None]:
+        engine = create_engine(settings.database)
+        try:
+            return await schema_revisions(engine)
+        finally:
+            await engine.dispose()
+
+    current, head = _run(main())
+    state = "up to date" if current == head else "needs 'ftp-gateway db upgrade'"
+    print(f"schema revision {current or 'none'}, this version needs {head}: {state}")
+    return 0 if current == head else EXIT_USAGE
+
+
+def _limits(args: argparse.Namespace) -> dict[str, Any]:
+    values = {
+        "max_sessions": args.max_sessions,
+        "upload_limit": args.upload_limit,
+        "download_limit": args.download_limit,
+    }
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def cmd_user_add(settings: Settings, args: argparse.Namespace) -> int:
+    password_hash = Passwords().hash_now(read_password(args))
+    permissions = {path: (r, w) for path, r, w in args.perm}
+    info = run_with_store(
+        settings,
+        lambda store: store.add(
+            args.name,
+            password_hash,
+            storage_uri=args.storage,
+            home=args.home,
+            read_only=args.read_only,
+            permissions=permissions,
+            **_limits(args),
+        ),
+    )
+    print(f"user {info.name} added")
+    return 0
+
+
+def cmd_user_list(settings: Settings, args: argparse.Namespace) -> int:
+    users = run_with_store(settings, lambda store: store.list())
+    if args.json:
+        print(json.dumps([u.as_dict() for u in users], indent=2))
+        return 0
+    rows = [("NAME", "ENABLED", "SESSIONS", "STORAGE", "LAST LOGIN")]
+    for u in users:
+        last = u.last_login_at.strftime("%Y-%m-%d %H:%M") if u.last_login_at else "never"
+        rows.append(
+            (u.name, "yes" if u.enabled else "no", str(u.max_sessions or "-"), u.storage_uri or "(default)", last)
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+    return 0
+
+
+def _describe(info: UserInfo) -> list[str]:
+    def rate(value: int | None) -> str:
+        return f"{value} bytes/s" if value else "unlimited"
+
+    lines = [
+        f"name:           {info.name}",
+        f"enabled:        {'yes' if info.enabled else 'no'}",
+        f"storage:        {info.storage_uri or '(server default)'}",
+        f"home:           {info.home}",
+        f"max sessions:   {info.max_sessions or 'unlimited'}",
+        f"upload limit:   {rate(info.upload_limit)}",
+        f"download limit: {rate(info.download_limit)}",
+        f"created:        {info.created_at.isoformat(timespec='seconds') if info.created_at else '-'}",
+        f"last login:     {info.last_login_at.isoformat(timespec='seconds') if info.last_login_at else 'never'}",
+        "permissions:",
+    ]
+    lines += [f"  {path} {mode}" for path, mode in info.permissions.items()]
+    return lines
+
+
+def cmd_user_show(settings: Settings, args: argparse.Namespace) -> int:
+    info = run_with_store(settings, lambda store: store.info(args.name))
+    print(json.dumps(info.as_dict(), indent=2) if args.json else "\n".join(_describe(info)))
+    return 0
+
+
+def cmd_user_passwd(settings: Settings, args: argparse.Namespace) -> int:
+    changes = UserChanges(password_hash=Passwords().hash_now(read_password(args)))
+    run_with_store(settings, lambda store: store.change(args.name, changes))
+    print(f"password of {args.name} changed")
+    return 0
+
+
+def cmd_user_set(settings: Settings, args: argparse.Namespace) -> int:
+    limits = _limits(args)
+    changes = UserChanges(
+        storage_uri=args.storage,
+        default_storage=args.default_storage,
+        home=args.home,
+        permissions={path: (r, w) for path, r, w in args.perm},
+        remove_permissions=args.unset_perm,
+        set_limits=set(limits),
+        **limits,
+    )
+    if args.read_only or args.read_write:
+        changes.permissions.setdefault("/", (True, bool(args.read_write)))
+    if changes == UserChanges():
+        raise CliError("nothing to change: give at least one option (see 'ftp-gateway user set --help')")
+    info = run_with_store(settings, lambda store: store.change(args.name, changes))
+    print("\n".join(_describe(info)))
+    return 0
+
+
+def _set_enabled(settings: Settings, name: str, enabled: bool) -> int:
+    run_with_store(settings, lambda store: store.change(name, UserChanges(enabled=enabled)))
+    print(f"user {name} {'enabled' if enabled else 'disabled'}")
+    return 0
+
+
+def cmd_user_disable(settings: Settings, args: argparse.Namespace) -> int:
+    return _set_enabled(settings, args.name, False)
+
+
+def cmd_user_enable(settings: Settings, args: argparse.Namespace) -> int:
+    return _set_enabled(settings, args.name, True)
+
+
+def cmd_user_delete(settings: Settings, args: argparse.Namespace) -> int:
+    run_with_store(settings, lambda store: store.delete(args.name))
+    print(f"user {args.name} deleted")
+    return 0
+
+
+# -- serve ----------------------------------------------------------------------------------------------
+
+
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.server import format_address, running_gateway
+
+    gateway_log.configure(settings.log.level)
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            async with running_gateway(settings) as server:
+                print(f"listening on ftp://{format_address(settings.listen_host, server.server_port)}", flush=True)
+                await stop.wait()
+                logger.info("stopping")
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            raise CliError(f"cannot listen on {settings.listen}: {exc.strerror}", EXIT_FAILURE) from None
+        return 0
+
+    return _run(main(), "cannot start")
+
+
+# -- entry point ----------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from(args)
+        command: Callable[[Settings, argparse.Namespace], int] = args.func
+        return command(settings, args)
+    except ConfigError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except CliError as exc:
+        return _fail(str(exc), exc.code)
+    except (UserError, DatabaseError) as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code

@@ -1,0 +1,1 @@
+"""FTP command handlers, grouped by topic; :class:`gateway.server.GatewayServer` combines them."""

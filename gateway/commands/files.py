@@ -1,0 +1,70 @@
+"""MKD, RNTO, SIZE and MDTM (aioftp's CWD, CDUP, RMD, DELE and RNFR are used as they are)."""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+import aioftp
+
+from gateway.commands.base import CommandBase, checks, mlsx_time, quote_path
+
+
+class FileCommands(CommandBase):
+    NEW_COMMANDS = {"size": "size", "mdtm": "mdtm"}
+
+    @checks(
+        aioftp.ConnectionConditions(aioftp.ConnectionConditions.login_required),
+        aioftp.PathConditions(aioftp.PathConditions.path_must_not_exists),
+        aioftp.PathPermissions(aioftp.PathPermissions.writable),
+    )
+    async def mkd(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
+        # Unlike aioftp, no parents are made: MKD a/b/c needs a/b (as in RFC 959 servers such as vsftpd).
+        real_path, virtual_path = self.get_paths(connection, rest)
+        await connection.path_io.mkdir(real_path)
+        connection.response("257", f"{quote_path(virtual_path)} created.")
+        return True
+
+    @checks(
+        aioftp.ConnectionConditions(
+            aioftp.ConnectionConditions.login_required,
+            aioftp.ConnectionConditions.rename_from_required,
+        ),
+        aioftp.PathPermissions(aioftp.PathPermissions.writable),
+    )
+    async def rnto(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
+        # Unlike aioftp, an existing *file* is replaced, as on a Unix rename and in vsftpd: clients upload to a
+        # temporary name and rename over the old file. A directory is never replaced.
+        real_path, virtual_path = self.get_paths(connection, rest)
+        source = connection.rename_from
+        del connection.rename_from
+        path_io = connection.path_io
+        if await path_io.is_dir(real_path):
+            connection.response("550", "Destination is a directory.")
+        elif await path_io.is_dir(source) and await path_io.exists(real_path):
+            connection.response("550", "Destination exists.")
+        elif real_path != source and real_path.is_relative_to(source):
+            connection.response("550", "Cannot move a directory into itself.")
+        else:
+            await path_io.rename(source, real_path)
+            connection.response("250", "Rename successful.")
+        return True
+
+    @checks(
+        aioftp.ConnectionConditions(aioftp.ConnectionConditions.login_required),
+        aioftp.PathConditions(aioftp.PathConditions.path_must_exists, aioftp.PathConditions.path_must_be_file),
+        aioftp.PathPermissions(aioftp.PathPermissions.readable),
+    )
+    async def size(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
+        real_path, _ = self.get_paths(connection, rest)
+        connection.response("213", str((await connection.path_io.stat(real_path)).st_size))
+        return True
+
+    @checks(
+        aioftp.ConnectionConditions(aioftp.ConnectionConditions.login_required),
+        aioftp.PathConditions(aioftp.PathConditions.path_must_exists, aioftp.PathConditions.path_must_be_file),
+        aioftp.PathPermissions(aioftp.PathPermissions.readable),
+    )
+    async def mdtm(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
+        real_path, _ = self.get_paths(connection, rest)
+        connection.response("213", mlsx_time((await connection.path_io.stat(real_path)).st_mtime))
+        return True

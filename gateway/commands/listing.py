@@ -1,0 +1,147 @@
+"""LIST, NLST, MLSD and MLST.
+
+Entries are streamed to the client as the backend lists them; the backend answers the per-entry ``stat``
+from what its listing just returned, so a listing costs one pass over the directory, not one call per entry.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path, PurePosixPath
+
+import aioftp
+from aioftp.common import END_OF_LINE
+
+from gateway.commands.base import CommandBase, checks, ls_time, mlsx_time, start_worker
+from gateway.commands.transfer import DATA_CONNECTION, send
+from gateway.errors import transfer_errors
+
+# aioftp's checks for a listing: logged in, PASV/EPSV sent, the path exists and is readable.
+listing_command = checks(
+    aioftp.ConnectionConditions(
+        aioftp.ConnectionConditions.login_required,
+        aioftp.ConnectionConditions.passive_server_started,
+    ),
+    aioftp.PathConditions(aioftp.PathConditions.path_must_exists),
+    aioftp.PathPermissions(aioftp.PathPermissions.readable),
+)
+
+
+def split_list_arguments(rest: str) -> tuple[str, str]:
+    """``-la /dir`` to ``("la", "/dir")``: clients send ``ls`` options that LIST itself does not define."""
+    flags = ""
+    words = rest.split(" ")
+    while words and words[0].startswith("-") and len(words[0]) > 1:
+        flags += words.pop(0)[1:]
+    return flags, " ".join(words)
+
+
+def mlsx_perm(st: os.stat_result, permission: aioftp.Permission) -> str:
+    """RFC 3659 ``perm`` fact from the user's permission on the path."""
+    if stat.S_ISDIR(st.st_mode):
+        return ("el" if permission.readable else "") + ("cmpdf" if permission.writable else "")
+    return ("r" if permission.readable else "") + ("awdf" if permission.writable else "")
+
+
+def list_line(path: Path, st: os.stat_result, now: float) -> str:
+    return (
+        f"{stat.filemode(st.st_mode)} {st.st_nlink:3d} ftp      ftp      {st.st_size:>13d} "
+        f"{ls_time(st.st_mtime, now)} {path.name}"
+    )
+
+
+class ListingCommands(CommandBase):
+    NEW_COMMANDS = {"nlst": "nlst"}
+
+    async def _entries(
+        self, connection: aioftp.Connection, real_path: Path
+    ) -> AsyncIterator[tuple[Path, os.stat_result]]:
+        """The entries of a directory with their stat, or the path itself when it is a file (as ``ls`` does)."""
+        path_io = connection.path_io
+        if await path_io.is_file(real_path):
+            yield real_path, await path_io.stat(real_path)
+            return
+        async for path in path_io.list(real_path):
+            yield path, await path_io.stat(path)
+
+    async def _mlsx_line(self, connection: aioftp.Connection, path: Path, st: os.stat_result, name: str) -> str:
+        kind = "dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "OS.unix=other"
+        virtual = PurePosixPath("/") / path.relative_to(connection.user.base_path)
+        permission = await connection.user.get_permissions(virtual)
+        facts = f"type={kind};size={st.st_size};modify={mlsx_time(st.st_mtime)};perm={mlsx_perm(st, permission)};"
+        return f"{facts} {name}"
+
+    def _send_lines(
+        self, connection: aioftp.Connection, rest: str, make_lines: Callable[[Path], AsyncIterator[str]], what: str
+    ) -> None:
+        """Start the worker that streams ``make_lines(real_path)`` over the data connection; answer 150."""
+
+        @DATA_CONNECTION
+        @aioftp.server.worker
+        @transfer_errors
+        async def listing_worker(self: ListingCommands, connection: aioftp.Connection, rest: str) -> None:
+            stream = connection.data_connection
+            del connection.data_connection
+            async with stream:
+                async for line in make_lines(real_path):
+                    await send(stream, (line + END_OF_LINE).encode(self.encoding))
+            connection.response("226", f"{what} sent.")
+
+        real_path, _ = self.get_paths(connection, rest)
+        start_worker(connection, listing_worker(self, connection, rest))
+        connection.response("150", f"Here comes the {what.lower()}.")
+
+    async def list(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
+        _, path = split_list_arguments(str(rest))
+        return await self._list(connection, path)
+
+    @listing_command
+    async def _list(self, connection: aioftp.Connection, rest: str) -> bool:
+        async def lines(real_path: Path) -> AsyncIterator[str]:
+            now = time.time()
+            async for path, st in self._entries(connection, real_path):
+                yield list_line(path, st, now)
+
+        self._send_lines(connection, rest, lines, "Directory listing")
+        return True
+
+    async def nlst(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
+        _, path = split_list_arguments(str(rest))
+        return await self._nlst(connection, path)
+
+    @listing_command
+    async def _nlst(self, connection: aioftp.Connection, rest: str) -> bool:
+        async def lines(real_path: Path) -> AsyncIterator[str]:
+            async for path, _ in self._entries(connection, real_path):
+                yield path.name
+
+        self._send_lines(connection, rest, lines, "Name list")
+        return True
+
+    @listing_command
+    async def mlsd(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
+        async def lines(real_path: Path) -> AsyncIterator[str]:
+            async for path, st in self._entries(connection, real_path):
+                yield await self._mlsx_line(connection, path, st, path.name)
+
+        real_path, _ = self.get_paths(connection, rest)
+        if not await connection.path_io.is_dir(real_path):
+            connection.response("501", "MLSD needs a directory.")
+            return True
+        self._send_lines(connection, str(rest), lines, "MLSD listing")
+        return True
+
+    @checks(
+        aioftp.ConnectionConditions(aioftp.ConnectionConditions.login_required),
+        aioftp.PathConditions(aioftp.PathConditions.path_must_exists),
+        aioftp.PathPermissions(aioftp.PathPermissions.readable),
+    )
+    async def mlst(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
+        real_path, virtual_path = self.get_paths(connection, rest)
+        st = await connection.path_io.stat(real_path)
+        line = await self._mlsx_line(connection, real_path, st, str(virtual_path))
+        connection.response("250", ["Listing " + str(virtual_path), line, "End"], True)
+        return True

@@ -1,0 +1,213 @@
+"""Login and the session around it: USER, PASS, PWD, FEAT, OPTS, NOOP, and the control connection's end."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import PurePosixPath
+
+import aioftp
+from aioftp.common import StreamThrottle
+
+from gateway.commands.base import CommandBase, checks, get, quote_path
+from gateway.errors import describe_session
+from gateway.log import session_context
+from gateway.users.manager import GatewayUser, UserDatabaseUnavailable
+
+logger = logging.getLogger(__name__)
+
+# What parse_command returns instead of a verb when the control connection itself has something to say.
+# A verb never contains a space, so no client can send these.
+EOF = " eof"
+IDLE = " idle"
+LINE_TOO_LONG = " line-too-long"
+NOT_UTF8 = " not-utf8"
+
+FEATURES = (
+    "EPSV",
+    "MDTM",
+    "MLST type*;size*;modify*;perm*;",
+    "PASV",
+    "REST STREAM",
+    "SIZE",
+    "UTF8",
+)
+
+
+class SessionCommands(CommandBase):
+    NEW_COMMANDS = {
+        "feat": "feat",
+        "opts": "opts",
+        "noop": "noop",
+        EOF: "control_closed",
+        IDLE: "control_idle",
+        LINE_TOO_LONG: "line_too_long",
+        NOT_UTF8: "not_utf8",
+    }
+
+    # -- the control connection ------------------------------------------------------------------------
+
+    async def parse_command(self, stream: aioftp.StreamIO, censor_commands: tuple[str] = ("pass",)) -> tuple[str, str]:
+        """Read one command. Unlike aioftp's, it never raises: the dispatcher ends a session on any exception,
+        so the end of the connection, an idle timeout, an overlong line or bytes that are not UTF-8 come back
+        as pseudo-verbs whose handlers answer properly. A running transfer keeps the session from being idle."""
+        while True:
+            try:
+                line = await stream.readline()
+            except TimeoutError:
+                connection = self.connections.get(stream)
+                if connection is not None and connection.extra_workers:
+                    continue
+                return IDLE, ""
+            except ValueError:
+                return LINE_TOO_LONG, ""
+            except OSError:
+                return EOF, ""
+            break
+        if not line:
+            return EOF, ""
+        try:
+            text = line.decode(self.encoding)
+        except UnicodeDecodeError:
+            return NOT_UTF8, ""
+        # Only the line ending goes: a trailing space can be part of a file name.
+        verb, _, rest = text.rstrip("\r\n").partition(" ")
+        verb = verb.lower()
+        logger.debug("%s %s", verb.upper(), "***" if verb in censor_commands else rest)
+        return verb, rest
+
+    async def control_closed(self, connection: aioftp.Connection, rest: str) -> bool:
+        logger.info("client closed the control connection")
+        return False
+
+    async def control_idle(self, connection: aioftp.Connection, rest: str) -> bool:
+        connection.response("421", f"Idle for {self.idle_timeout:g} seconds; closing control connection.")
+        return False
+
+    async def line_too_long(self, connection: aioftp.Connection, rest: str) -> bool:
+        connection.response("500", "Command line too long.")
+        return True
+
+    async def not_utf8(self, connection: aioftp.Connection, rest: str) -> bool:
+        connection.response("501", "Command is not valid UTF-8.")
+        return True
+
+    # -- login -----------------------------------------------------------------------------------------
+
+    async def user(self, connection: aioftp.Connection, rest: str) -> bool:
+        if get(connection, "logged"):
+            connection.response("530", "Can't change to another user.")
+            return True
+        if not rest:
+            connection.response("501", "USER needs a user name.")
+            return True
+        _, pending, _ = await self.user_manager.get_user(rest)
+        connection.user = pending
+        session_context.set(describe_session(connection))
+        connection.response("331", "Password required.")
+        return True
+
+    @checks(
+        aioftp.ConnectionConditions(aioftp.ConnectionConditions.user_required),
+    )
+    async def pass_(self, connection: aioftp.Connection, rest: str) -> bool:
+        if get(connection, "logged"):
+            connection.response("503", "Already logged in.")
+            return True
+        name = connection.user.login
+        try:
+            outcome = await self.user_manager.login(name, rest)
+        except UserDatabaseUnavailable:
+            connection.response("421", "Service not available: user database unreachable; try again later.")
+            return False
+        if outcome.user is None:
+            logger.warning("login refused for %r: %s", name, outcome.reason)
+            return await self._login_failed(connection, "Login incorrect.")
+        user = outcome.user
+        try:
+            await user.storage.prepare(create=user.create_root)
+        except Exception as exc:
+            logger.error("login of %r refused: storage %s unavailable: %r", name, user.storage.uri, exc)
+            del connection.user
+            connection.response("530", "Login refused: storage unavailable.")
+            return True
+        if not self.user_manager.acquire(user):
+            logger.warning("login refused for %r: all %s sessions in use", name, user.maximum_connections)
+            del connection.user
+            connection.response("530", f"Too many sessions for this user (at most {user.maximum_connections}).")
+            return True
+        self._begin_session(connection, user)
+        connection.current_directory = await self._home(connection, user)
+        await self.user_manager.record_login(user, outcome.new_password_hash)
+        session_context.set(describe_session(connection))
+        logger.info("logged in")
+        connection.response("230", "Login successful.")
+        return True
+
+    async def _login_failed(self, connection: aioftp.Connection, message: str) -> bool:
+        del connection.user
+        failures = get(connection, "login_failures", 0) + 1
+        connection.login_failures = failures
+        # Slows password guessing down; the session is closed after a few failures.
+        await asyncio.sleep(self.settings.limits.failed_login_delay)
+        if failures >= self.settings.limits.max_login_failures:
+            connection.response("421", "Too many failed logins; closing control connection.")
+            return False
+        connection.response("530", message)
+        return True
+
+    def _begin_session(self, connection: aioftp.Connection, user: GatewayUser) -> None:
+        connection.user = user
+        connection.logged = True
+        connection.path_io = user.storage(timeout=self.path_timeout, connection=connection)
+        # One throttle per user object, shared by its sessions; a weak key, so it goes with the user.
+        throttle = self.throttle_per_user.get(user)
+        if throttle is None:
+            throttle = StreamThrottle.from_limits(user.read_speed_limit, user.write_speed_limit)
+            self.throttle_per_user[user] = throttle
+        connection.command_connection.throttles.update(
+            user_global=throttle,
+            user_per_connection=StreamThrottle.from_limits(
+                user.read_speed_limit_per_connection, user.write_speed_limit_per_connection
+            ),
+        )
+
+    async def _home(self, connection: aioftp.Connection, user: GatewayUser) -> PurePosixPath:
+        root = PurePosixPath("/")
+        if user.home_path == root:
+            return root
+        connection.current_directory = root
+        real_path, virtual_path = self.get_paths(connection, user.home_path)
+        try:
+            if await connection.path_io.is_dir(real_path):
+                return virtual_path
+        except aioftp.PathIOError as exc:
+            logger.warning("home %s of %r unusable (%r); starting in /", user.home_path, user.login, exc.reason)
+            return root
+        logger.warning("home %s of %r does not exist; starting in /", user.home_path, user.login)
+        return root
+
+    # -- small commands --------------------------------------------------------------------------------
+
+    @checks(
+        aioftp.ConnectionConditions(aioftp.ConnectionConditions.login_required),
+    )
+    async def pwd(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
+        connection.response("257", f"{quote_path(connection.current_directory)} is the current directory.")
+        return True
+
+    async def feat(self, connection: aioftp.Connection, rest: str) -> bool:
+        connection.response("211", ["Features:", *FEATURES, "End"], True)
+        return True
+
+    async def opts(self, connection: aioftp.Connection, rest: str) -> bool:
+        option, _, value = rest.partition(" ")
+        if option.upper() == "UTF8" and value.upper() in ("ON", ""):
+            connection.response("200", "UTF-8 is always on.")
+        else:
+            connection.response("501", f"Option {option!r} not understood.")
+        return True
+
+    async def noop(self, connection: aioftp.Connection, rest: str) -> bool:
+        connection.response("200", "NOOP ok.")
+        return True

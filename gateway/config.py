@@ -1,0 +1,229 @@
+"""Settings: one typed, frozen object built from a TOML file, then ``FTP_GATEWAY_*`` variables, then flags.
+
+Nothing below the CLI reads the environment: ``cli.py`` calls :func:`load_settings` once and hands the
+result down to the server, the user store and the storage backends.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ENV_PREFIX = "FTP_GATEWAY_"
+ENV_NESTED_DELIMITER = "__"
+
+MiB = 1024 * 1024
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class ConfigError(Exception):
+    """A configuration problem, reported to the operator as one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PassiveSettings(_Section):
+    # Ports the server listens on for passive data connections (PASV/EPSV); open them in the firewall.
+    port_min: Port = 30000
+    port_max: Port = 30099
+    # IPv4 address announced in PASV replies, for a server behind NAT or a load balancer.
+    masquerade_address: ipaddress.IPv4Address | None = None
+
+    @model_validator(mode="after")
+    def _range(self) -> Self:
+        if self.port_min > self.port_max:
+            raise ValueError(f"port_min ({self.port_min}) is above port_max ({self.port_max})")
+        return self
+
+    @property
+    def ports(self) -> range:
+        return range(self.port_min, self.port_max + 1)
+
+
+class DatabaseSettings(_Section):
+    # SQLAlchemy URL; sqlite:/// and postgresql:// get their async drivers (aiosqlite, asyncpg).
+    url: str = "sqlite:///./ftp-gateway.db"
+    # Bound on every query, so a stalled database fails a login instead of hanging it.
+    timeout: Seconds = 10.0
+
+
+class StorageSettings(_Section):
+    # Storage of users who have none of their own; "{username}" is replaced by the login name.
+    default_uri: str = "file://./ftp-data/{username}"
+
+    @field_validator("default_uri")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        from pathio_backends import check_uri
+
+        check_uri(value.replace("{username}", "user"))
+        return value
+
+
+class TransferSettings(_Section):
+    # Bytes read from a data connection or a file at a time; aioftp's 8 KiB is ~10x too slow.
+    block_size: Annotated[int, Field(ge=4096, le=64 * MiB)] = 1 * MiB
+
+
+class TimeoutSettings(_Section):
+    # A control connection with no command and no transfer for this long is closed (421).
+    idle: Seconds = 900.0
+    # How long a client has to open the data connection after PASV/EPSV and a transfer command.
+    data_connection: Seconds = 30.0
+    # A data or control connection that moves no byte for this long is dropped.
+    socket: Seconds = 60.0
+    # Bound on each storage operation (stat, mkdir, rename, one block of a transfer ...).
+    path: Seconds = 30.0
+
+
+class LimitSettings(_Section):
+    # Control connections the server accepts at once; the next one gets 421.
+    max_connections: Annotated[int, Field(ge=1)] | None = 512
+    # Pause before answering a wrong password, to slow guessing down.
+    failed_login_delay: Annotated[float, Field(ge=0, le=60)] = 1.0
+    # Wrong passwords after which a session is closed (421).
+    max_login_failures: Annotated[int, Field(ge=1)] = 3
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        frozen=True,
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    # HOST:PORT of the control connection; port 0 picks a free one (the start-up line names it).
+    listen: str = "127.0.0.1:2121"
+    welcome_message: str = "ftp-gateway ready"
+    passive: PassiveSettings = PassiveSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    storage: StorageSettings = StorageSettings()
+    transfer: TransferSettings = TransferSettings()
+    timeouts: TimeoutSettings = TimeoutSettings()
+    limits: LimitSettings = LimitSettings()
+    log: LogSettings = LogSettings()
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_host_port(value)
+        return value
+
+    @model_validator(mode="after")
+    def _control_port_outside_passive_range(self) -> Self:
+        port = self.listen_port
+        if port and port in self.passive.ports:
+            raise ValueError(
+                f"listen port {port} lies inside the passive range {self.passive.port_min}-{self.passive.port_max}"
+            )
+        return self
+
+    @property
+    def listen_host(self) -> str:
+        return parse_host_port(self.listen)[0]
+
+    @property
+    def listen_port(self) -> int:
+        return parse_host_port(self.listen)[1]
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` to ``(host, port)``; raises ValueError with a readable message."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port {port} is above 65535")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not host.replace("-", "").replace(".", "").isalnum():
+            raise ValueError(f"{host!r} is neither an IP address nor a host name") from None
+    return host, port
+
+
+def parse_port_range(value: str) -> tuple[int, int]:
+    low, sep, high = value.partition("-")
+    if not sep or not low.strip().isdigit() or not high.strip().isdigit():
+        raise ValueError(f"expected LOW-HIGH, got {value!r}")
+    return int(low), int(high)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {str(path)!r} is a directory") from None
+    except PermissionError:
+        raise ConfigError(f"config file {str(path)!r} is not readable") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
+
+
+def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Build the settings: file < ``FTP_GATEWAY_*`` environment < ``overrides`` (the flags the user gave).
+
+    Raises :class:`ConfigError` with a one-line message naming the offending key or file.
+    """
+    file_data = read_config_file(config_file) if config_file is not None else {}
+
+    class _Layered(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return init_settings, env_settings, InitSettingsSource(settings_cls, file_data)
+
+    try:
+        return _Layered(**(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, config_file)) from None
+
+
+def describe_validation_error(exc: ValidationError, config_file: Path | None) -> str:
+    parts = []
+    for error in exc.errors():
+        key = ".".join(str(p) for p in error["loc"])
+        env_name = ENV_PREFIX + ENV_NESTED_DELIMITER.join(str(p) for p in error["loc"]).upper()
+        if error["type"] == "extra_forbidden":
+            where = f" in {config_file}" if config_file else ""
+            parts.append(f"unknown setting {key!r}{where}")
+            continue
+        message = error["msg"].removeprefix("Value error, ")
+        origin = f" (from {env_name})" if key and env_name in os.environ else ""
+        parts.append(f"{key}{origin}: {message}" if key else message)
+    return "invalid configuration: " + "; ".join(parts)

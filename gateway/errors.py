@@ -1,0 +1,156 @@
+"""The one place where an exception becomes an FTP reply.
+
+aioftp's dispatcher answers ``PathIOError`` with ``451 file system error`` and ends the whole session on any
+other exception. Every handler and every transfer worker of :class:`gateway.server.GatewayServer` runs
+under :func:`command_errors` or :func:`transfer_errors`, which unwrap the backend's error, look it up in
+:data:`REPLIES` and answer; the session goes on. Nothing else in ``gateway/`` catches storage errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import aioftp
+
+from gateway.log import session_context
+
+logger = logging.getLogger(__name__)
+
+
+class DataConnectionError(ConnectionError):
+    """The data connection failed or closed in mid-transfer (RFC 959: 426)."""
+
+
+class RestartOffsetError(OSError):
+    """REST pointed past the end of the file (RFC 3659: 554)."""
+
+    def __init__(self, offset: int, size: int) -> None:
+        super().__init__(errno.EINVAL, f"restart offset {offset} is beyond the end of the file ({size} bytes)")
+
+
+# Looked up in this order: our own exception types, then the errno of an OSError, then builtin types.
+_OWN: tuple[tuple[type[BaseException], str, str], ...] = (
+    (RestartOffsetError, "554", "Invalid REST parameter."),
+    (DataConnectionError, "426", "Connection closed; transfer aborted."),
+)
+_BY_ERRNO: dict[int, tuple[str, str]] = {
+    errno.ENOTEMPTY: ("550", "Directory not empty."),
+    errno.ENAMETOOLONG: ("553", "File name too long."),
+    errno.EINVAL: ("553", "File name not allowed."),
+    errno.EPERM: ("550", "Operation not permitted."),
+    errno.ENOSPC: ("452", "Insufficient storage space."),
+    errno.EDQUOT: ("452", "Quota exceeded."),
+    errno.EFBIG: ("452", "File too large."),
+    errno.EMSGSIZE: ("452", "File too large."),
+    errno.EROFS: ("550", "Storage is read-only."),
+}
+_BY_TYPE: tuple[tuple[type[BaseException], str, str], ...] = (
+    (FileNotFoundError, "550", "No such file or directory."),
+    (FileExistsError, "550", "File exists."),
+    (NotADirectoryError, "550", "Not a directory."),
+    (IsADirectoryError, "550", "Is a directory."),
+    (PermissionError, "550", "Permission denied."),
+    (TimeoutError, "451", "Storage timed out; try again."),
+)
+FALLBACK = ("451", "Local error in processing.")
+
+
+def _lookup(exc: BaseException) -> tuple[str, str] | None:
+    for kind, code, text in _OWN:
+        if isinstance(exc, kind):
+            return code, text
+    if isinstance(exc, OSError) and exc.errno in _BY_ERRNO:
+        return _BY_ERRNO[exc.errno]
+    for kind, code, text in _BY_TYPE:
+        if isinstance(exc, kind):
+            return code, text
+    return None
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The backend's own exception inside aioftp's ``PathIOError`` (which may wrap another ``PathIOError``)."""
+    while isinstance(exc, aioftp.PathIOError) and exc.reason is not None and exc.reason[1] is not None:
+        exc = exc.reason[1]
+    return exc
+
+
+def reply_for(exc: BaseException, *, transfer: bool = False) -> tuple[str, str, bool]:
+    """``(code, text, expected)``; ``expected`` is False for the fallback, whose traceback is worth logging.
+
+    After a ``150`` has gone out only transfer replies fit (RFC 959), so 5xx answers become ``451``.
+    """
+    found = _lookup(unwrap(exc))
+    expected = found is not None
+    code, text = found or FALLBACK
+    if transfer and code.startswith("5"):
+        code, text = "451", "Transfer failed: " + text[0].lower() + text[1:]
+    return code, text, expected
+
+
+def _log(exc: BaseException, code: str, expected: bool, command: str) -> None:
+    inner = unwrap(exc)
+    if expected:
+        logger.warning(
+            "%s failed: %s %s (errno %s, path %s)",
+            command,
+            code,
+            type(inner).__name__,
+            getattr(inner, "errno", None),
+            getattr(inner, "filename", None),
+        )
+    else:
+        logger.error("%s failed: %s %r", command, code, inner, exc_info=inner)
+
+
+R = TypeVar("R")
+Handler = Callable[[aioftp.Connection, Any], Awaitable[bool]]
+
+
+def command_errors(name: str, handler: Handler) -> Handler:
+    """Wrap a command handler (as registered in ``commands_mapping``) so its errors become replies."""
+
+    @functools.wraps(handler)
+    async def guarded(connection: aioftp.Connection, rest: Any) -> bool:
+        session_context.set(describe_session(connection))
+        try:
+            return await handler(connection, rest)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            code, text, expected = reply_for(exc)
+            _log(exc, code, expected, name.upper())
+            connection.response(code, text)
+            return True
+
+    return guarded
+
+
+def transfer_errors(worker: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R | None]]:
+    """Wrap a transfer worker (after its 150 reply) so its errors become 4xx replies.
+
+    Cancellation (ABOR, a dropped session) passes through to aioftp's ``@worker``, which answers 426 + 226.
+    """
+
+    @functools.wraps(worker)
+    async def guarded(self: Any, connection: aioftp.Connection, rest: Any) -> R | None:
+        try:
+            return await worker(self, connection, rest)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            code, text, expected = reply_for(exc, transfer=True)
+            _log(exc, code, expected, worker.__name__.removesuffix("_worker").upper())
+            connection.response(code, text)
+            return None
+
+    return guarded
+
+
+def describe_session(connection: aioftp.Connection) -> str:
+    user = connection.user.login if connection.future.user.done() and connection.user is not None else "-"
+    return f"{connection.client_host}:{connection.client_port} {user}"

@@ -1,0 +1,72 @@
+"""The FTP server: aioftp's ``Server`` and its dispatcher, with the gateway's handlers registered on top."""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import aioftp
+
+from gateway.commands.files import FileCommands
+from gateway.commands.listing import ListingCommands
+from gateway.commands.session import SessionCommands
+from gateway.commands.transfer import TransferCommands
+from gateway.config import Settings
+from gateway.errors import command_errors
+from gateway.users.db import create_engine, display_url, ensure_schema
+from gateway.users.manager import DatabaseUserManager
+from gateway.users.store import UserStore
+
+logger = logging.getLogger(__name__)
+
+
+class GatewayServer(SessionCommands, TransferCommands, ListingCommands, FileCommands):
+    """aioftp's server with the gateway's handlers; every handler answers its own errors (gateway.errors)."""
+
+    def __init__(self, settings: Settings, user_manager: DatabaseUserManager) -> None:
+        passive = settings.passive
+        super().__init__(
+            users=user_manager,
+            block_size=settings.transfer.block_size,
+            socket_timeout=settings.timeouts.socket,
+            idle_timeout=settings.timeouts.idle,
+            wait_future_timeout=settings.timeouts.data_connection,
+            path_timeout=settings.timeouts.path,
+            # Sessions get their user's own backend at login; every path command needs a login first, so this
+            # in-memory one is never used (and touches no disk if it were).
+            path_io_factory=aioftp.MemoryPathIO,  # type: ignore[arg-type]
+            maximum_connections=settings.limits.max_connections,
+            ipv4_pasv_forced_response_address=str(passive.masquerade_address) if passive.masquerade_address else None,
+            data_ports=passive.ports,
+            encoding="utf-8",
+            welcome_message=settings.welcome_message,
+        )
+        self.settings = settings
+        self.user_manager = user_manager
+        # aioftp keeps a throttle per User object forever; weak keys drop it with the user's last session.
+        self.throttle_per_user = weakref.WeakKeyDictionary()  # type: ignore[assignment]
+        for cls in reversed(type(self).__mro__):
+            for verb, method in getattr(cls, "NEW_COMMANDS", {}).items():
+                self.commands_mapping[verb] = getattr(self, method)
+        self.commands_mapping = {verb: command_errors(verb, handler) for verb, handler in self.commands_mapping.items()}
+
+
+def format_address(host: str | None, port: int) -> str:
+    host = host or "0.0.0.0"  # noqa: S104 - only for display
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@asynccontextmanager
+async def running_gateway(settings: Settings) -> AsyncIterator[GatewayServer]:
+    """Open the user database (creating an embedded SQLite schema), start the server, and close both at exit."""
+    async with AsyncExitStack() as stack:
+        engine = create_engine(settings.database)
+        stack.push_async_callback(engine.dispose)
+        await ensure_schema(engine)
+        logger.info("users in %s", display_url(engine.url))
+        server = GatewayServer(settings, DatabaseUserManager(UserStore(engine), settings))
+        await server.start(settings.listen_host, settings.listen_port)
+        stack.push_async_callback(server.close)
+        yield server

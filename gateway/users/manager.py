@@ -1,0 +1,155 @@
+"""aioftp's user manager on the user database.
+
+Differences from aioftp's ``MemoryUserManager``, each on purpose:
+
+* ``USER`` takes nothing: every name gets ``331`` and a placeholder (:class:`PendingLogin`), so neither
+  the reply nor its timing tells which names exist, and bare ``USER`` commands cannot use up a user's
+  session slots. The password is checked at ``PASS``, then ``max_sessions``.
+* While a user has sessions, all of them share one :class:`GatewayUser` object, so aioftp's per-user
+  throttle (keyed by that object) is shared by them; with the last session the object is dropped, and so is
+  its throttle. A change to the user in the database makes the next login build a fresh object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import aioftp
+
+from gateway.config import Settings
+from gateway.users.db import describe_error
+from gateway.users.models import UserRow
+from gateway.users.passwords import Passwords
+from gateway.users.store import UserStore
+from pathio_backends import StorageFactory, path_io_factory
+
+logger = logging.getLogger(__name__)
+
+
+class UserDatabaseUnavailable(Exception):
+    """The user database could not answer; the login is refused with 421, the server keeps running."""
+
+
+class PendingLogin(aioftp.User):
+    """A name given with ``USER`` whose password has not been checked; it may read or write nothing."""
+
+    def __init__(self, login: str) -> None:
+        super().__init__(login=login, permissions=[aioftp.Permission("/", readable=False, writable=False)])
+
+
+class GatewayUser(aioftp.User):
+    """A logged-in user: aioftp's ``User`` plus its storage and where it came from in the database."""
+
+    def __init__(self, row: UserRow, storage: StorageFactory, *, create_root: bool) -> None:
+        permissions = [aioftp.Permission(p.path, readable=p.readable, writable=p.writable) for p in row.permissions]
+        if not any(p.path == PurePosixPath("/") for p in permissions):
+            # aioftp grants read+write where no entry matches; a missing "/" row must not mean that.
+            permissions.append(aioftp.Permission("/", readable=False, writable=False))
+        super().__init__(
+            login=row.name,
+            base_path=storage.base_path,
+            home_path=row.home,
+            permissions=permissions,
+            maximum_connections=row.max_sessions,
+            # aioftp's "read" is the server reading from the client: uploads.
+            read_speed_limit=row.upload_limit,
+            write_speed_limit=row.download_limit,
+        )
+        self.user_id = row.id
+        self.revision = row.revision
+        self.storage = storage
+        self.create_root = create_root
+
+
+@dataclass(frozen=True)
+class LoginOutcome:
+    user: GatewayUser | None
+    # Why a login was refused, for the log only: the client always hears the same "Login incorrect".
+    reason: str = ""
+    new_password_hash: str | None = None
+
+
+class DatabaseUserManager(aioftp.AbstractUserManager):
+    def __init__(self, store: UserStore, settings: Settings, passwords: Passwords | None = None) -> None:
+        super().__init__(timeout=settings.database.timeout)
+        self.store = store
+        self.settings = settings
+        self.passwords = passwords or Passwords()
+        self._active: dict[str, GatewayUser] = {}
+        self._sessions: dict[str, int] = {}
+
+    # -- aioftp's interface ----------------------------------------------------------------------------
+
+    async def get_user(self, login: str) -> tuple[aioftp.AbstractUserManager.GetUserResponse, aioftp.User, str]:
+        return self.GetUserResponse.PASSWORD_REQUIRED, PendingLogin(login), "password required"
+
+    async def authenticate(self, user: aioftp.User, password: str) -> bool:
+        return (await self.login(user.login or "", password)).user is not None
+
+    async def notify_logout(self, user: aioftp.User) -> None:
+        if isinstance(user, GatewayUser):
+            self.release(user)
+
+    # -- the gateway's login -----------------------------------------------------------------------------
+
+    async def login(self, name: str, password: str) -> LoginOutcome:
+        """Check the password against the database; the caller then calls :meth:`acquire`."""
+        try:
+            async with asyncio.timeout(self.settings.database.timeout):
+                row = await self.store.get(name)
+        except Exception as exc:
+            logger.error("user database unavailable: %s", describe_error(exc))
+            raise UserDatabaseUnavailable(describe_error(exc)) from exc
+        if row is None:
+            await self.passwords.verify(None, password)
+            return LoginOutcome(None, "unknown user")
+        if not await self.passwords.verify(row.password_hash, password):
+            return LoginOutcome(None, "wrong password")
+        if not row.enabled:
+            return LoginOutcome(None, "user disabled")
+        try:
+            user = self._user_for(row)
+        except ValueError as exc:
+            return LoginOutcome(None, f"unusable storage: {exc}")
+        rehash = await self.passwords.hash(password) if self.passwords.needs_rehash(row.password_hash) else None
+        return LoginOutcome(user, new_password_hash=rehash)
+
+    def _user_for(self, row: UserRow) -> GatewayUser:
+        cached = self._active.get(row.name)
+        if cached is not None and cached.revision == row.revision and cached.user_id == row.id:
+            return cached
+        default = self.settings.storage.default_uri
+        uri = row.storage_uri or default.replace("{username}", row.name)
+        return GatewayUser(row, path_io_factory(uri, self.settings), create_root=row.storage_uri is None)
+
+    def acquire(self, user: GatewayUser) -> bool:
+        """Take one of the user's session slots; False when ``max_sessions`` are already in use."""
+        count = self._sessions.get(user.login or "", 0)
+        if user.maximum_connections is not None and count >= user.maximum_connections:
+            return False
+        self._sessions[user.login or ""] = count + 1
+        self._active[user.login or ""] = user
+        return True
+
+    def release(self, user: GatewayUser) -> None:
+        name = user.login or ""
+        count = self._sessions.get(name, 0) - 1
+        if count > 0:
+            self._sessions[name] = count
+        else:
+            self._sessions.pop(name, None)
+            self._active.pop(name, None)
+
+    def sessions(self, name: str) -> int:
+        return self._sessions.get(name, 0)
+
+    async def record_login(self, user: GatewayUser, new_password_hash: str | None) -> None:
+        """Stamp the login time; a failure is logged and does not undo the login."""
+        try:
+            async with asyncio.timeout(self.settings.database.timeout):
+                await self.store.record_login(user.user_id, new_password_hash)
+        except Exception as exc:
+            logger.warning("could not record the login of %s: %s", user.login, describe_error(exc))

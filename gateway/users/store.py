@@ -1,0 +1,278 @@
+"""Reading and changing users in the database: used by the CLI and by the server's user manager."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import PurePosixPath
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+
+from gateway.users.models import PermissionRow, UserRow
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+PERMISSION_MODES = {"rw": (True, True), "r": (True, False), "w": (False, True), "none": (False, False)}
+
+
+class UserError(Exception):
+    """A request about users that cannot be carried out; the message is one line for the operator."""
+
+
+class UserNotFound(UserError):
+    pass
+
+
+class UserExists(UserError):
+    pass
+
+
+class InvalidUserInput(UserError, ValueError):
+    pass
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.fullmatch(name):
+        raise InvalidUserInput(
+            f"invalid user name {name!r}: 1-64 characters of letters, digits, '.', '_', '@', '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def normalize_virtual_path(path: str, what: str = "path") -> str:
+    """An absolute virtual path without '.', '..' or doubled slashes, e.g. '/incoming/scans'."""
+    if not path.startswith("/") or "\x00" in path or "\n" in path or "\r" in path:
+        raise InvalidUserInput(f"{what} {path!r} must be an absolute path such as /incoming")
+    parts = [p for p in PurePosixPath(path).parts[1:] if p != "."]
+    if ".." in parts:
+        raise InvalidUserInput(f"{what} {path!r} must not contain '..'")
+    return str(PurePosixPath("/", *parts))
+
+
+def parse_permission(text: str) -> tuple[str, bool, bool]:
+    """``/incoming=rw`` (modes: rw, r, w, none) to ``("/incoming", True, True)``."""
+    path, sep, mode = text.rpartition("=")
+    if not sep or mode not in PERMISSION_MODES:
+        raise InvalidUserInput(f"invalid permission {text!r}: expected PATH=MODE with MODE one of rw, r, w, none")
+    readable, writable = PERMISSION_MODES[mode]
+    return normalize_virtual_path(path, "permission path"), readable, writable
+
+
+def check_storage_uri(uri: str) -> str:
+    from pathio_backends import check_uri
+
+    try:
+        check_uri(uri.replace("{username}", "user"))
+    except ValueError as exc:
+        raise InvalidUserInput(str(exc)) from None
+    return uri
+
+
+def check_limit(value: int | None, what: str) -> int | None:
+    """None or 0 mean unlimited."""
+    if value is None or value == 0:
+        return None
+    if value < 0:
+        raise InvalidUserInput(f"{what} must be 0 (unlimited) or a positive number, not {value}")
+    return value
+
+
+def permission_text(readable: bool, writable: bool) -> str:
+    return {(True, True): "rw", (True, False): "r", (False, True): "w", (False, False): "none"}[(readable, writable)]
+
+
+@dataclass(frozen=True)
+class UserInfo:
+    """A user as the CLI shows it: everything but the password hash."""
+
+    name: str
+    enabled: bool
+    storage_uri: str | None
+    home: str
+    max_sessions: int | None
+    upload_limit: int | None
+    download_limit: int | None
+    permissions: dict[str, str]
+    created_at: datetime | None
+    last_login_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: UserRow) -> UserInfo:
+        return cls(
+            name=row.name,
+            enabled=row.enabled,
+            storage_uri=row.storage_uri,
+            home=row.home,
+            max_sessions=row.max_sessions,
+            upload_limit=row.upload_limit,
+            download_limit=row.download_limit,
+            permissions={p.path: permission_text(p.readable, p.writable) for p in row.permissions},
+            created_at=row.created_at,
+            last_login_at=row.last_login_at,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "enabled": self.enabled,
+            "storage": self.storage_uri,
+            "home": self.home,
+            "max_sessions": self.max_sessions,
+            "upload_limit": self.upload_limit,
+            "download_limit": self.download_limit,
+            "permissions": dict(self.permissions),
+            "created_at": self.created_at.isoformat() if self.created_at else None,
+            "last_login_at": self.last_login_at.isoformat() if self.last_login_at else None,
+        }
+
+
+@dataclass
+class UserChanges:
+    """What ``user set`` changes; fields left at their default are not touched."""
+
+    storage_uri: str | None = None
+    default_storage: bool = False
+    home: str | None = None
+    max_sessions: int | None = None
+    upload_limit: int | None = None
+    download_limit: int | None = None
+    enabled: bool | None = None
+    password_hash: str | None = None
+    permissions: dict[str, tuple[bool, bool]] = field(default_factory=dict)
+    remove_permissions: list[str] = field(default_factory=list)
+    # Limits are applied when their name is listed here (so "set to unlimited" differs from "leave as is").
+    set_limits: set[str] = field(default_factory=set)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class UserStore:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    async def add(
+        self,
+        name: str,
+        password_hash: str,
+        *,
+        storage_uri: str | None = None,
+        home: str = "/",
+        read_only: bool = False,
+        max_sessions: int | None = None,
+        upload_limit: int | None = None,
+        download_limit: int | None = None,
+        permissions: Mapping[str, tuple[bool, bool]] | None = None,
+    ) -> UserInfo:
+        check_name(name)
+        grants = dict(permissions or {})
+        grants.setdefault("/", (True, not read_only))
+        now = _now()
+        row = UserRow(
+            name=name,
+            password_hash=password_hash,
+            storage_uri=check_storage_uri(storage_uri) if storage_uri else None,
+            home=normalize_virtual_path(home, "home"),
+            enabled=True,
+            max_sessions=check_limit(max_sessions, "max sessions"),
+            upload_limit=check_limit(upload_limit, "upload limit"),
+            download_limit=check_limit(download_limit, "download limit"),
+            created_at=now,
+            updated_at=now,
+            revision=1,
+            permissions=[
+                PermissionRow(path=normalize_virtual_path(path, "permission path"), readable=r, writable=w)
+                for path, (r, w) in grants.items()
+            ],
+        )
+        async with self._sessions() as session:
+            session.add(row)
+            try:
+                await session.commit()
+            except IntegrityError:
+                raise UserExists(f"user {name!r} already exists") from None
+            return UserInfo.from_row(row)
+
+    async def get(self, name: str) -> UserRow | None:
+        async with self._sessions() as session:
+            result = await session.execute(select(UserRow).where(UserRow.name == name))
+            return result.scalar_one_or_none()
+
+    async def info(self, name: str) -> UserInfo:
+        row = await self.get(name)
+        if row is None:
+            raise UserNotFound(f"no user {name!r}")
+        return UserInfo.from_row(row)
+
+    async def list(self) -> list[UserInfo]:
+        async with self._sessions() as session:
+            result = await session.execute(select(UserRow).order_by(UserRow.name))
+            return [UserInfo.from_row(row) for row in result.scalars()]
+
+    async def change(self, name: str, changes: UserChanges) -> UserInfo:
+        async with self._sessions() as session:
+            result = await session.execute(select(UserRow).where(UserRow.name == name))
+            row = result.scalar_one_or_none()
+            if row is None:
+                raise UserNotFound(f"no user {name!r}")
+            if changes.default_storage:
+                row.storage_uri = None
+            elif changes.storage_uri is not None:
+                row.storage_uri = check_storage_uri(changes.storage_uri)
+            if changes.home is not None:
+                row.home = normalize_virtual_path(changes.home, "home")
+            if "max_sessions" in changes.set_limits:
+                row.max_sessions = check_limit(changes.max_sessions, "max sessions")
+            if "upload_limit" in changes.set_limits:
+                row.upload_limit = check_limit(changes.upload_limit, "upload limit")
+            if "download_limit" in changes.set_limits:
+                row.download_limit = check_limit(changes.download_limit, "download limit")
+            if changes.enabled is not None:
+                row.enabled = changes.enabled
+            if changes.password_hash is not None:
+                row.password_hash = changes.password_hash
+            by_path = {p.path: p for p in row.permissions}
+            for raw_path in changes.remove_permissions:
+                path = normalize_virtual_path(raw_path, "permission path")
+                if path == "/":
+                    raise InvalidUserInput("the '/' permission cannot be removed; set it to r, w, rw or none")
+                if path not in by_path:
+                    raise InvalidUserInput(f"user {name!r} has no permission entry for {path!r}")
+                row.permissions.remove(by_path.pop(path))
+            for raw_path, (readable, writable) in changes.permissions.items():
+                path = normalize_virtual_path(raw_path, "permission path")
+                if path in by_path:
+                    by_path[path].readable, by_path[path].writable = readable, writable
+                else:
+                    by_path[path] = PermissionRow(path=path, readable=readable, writable=writable)
+                    row.permissions.append(by_path[path])
+            row.updated_at = _now()
+            row.revision = row.revision + 1
+            await session.commit()
+            await session.refresh(row, ["permissions"])
+            return UserInfo.from_row(row)
+
+    async def delete(self, name: str) -> None:
+        async with self._sessions() as session:
+            result = await session.execute(select(UserRow).where(UserRow.name == name))
+            row = result.scalar_one_or_none()
+            if row is None:
+                raise UserNotFound(f"no user {name!r}")
+            await session.delete(row)
+            await session.commit()
+
+    async def record_login(self, user_id: int, new_password_hash: str | None = None) -> None:
+        """Stamp the last login; a hash made with newer parameters replaces the old one at the same time."""
+        values: dict[str, Any] = {"last_login_at": _now()}
+        if new_password_hash is not None:
+            values["password_hash"] = new_password_hash
+        async with self._sessions() as session:
+            await session.execute(update(UserRow).where(UserRow.id == user_id).values(**values))
+            await session.commit()

@@ -1,0 +1,61 @@
+"""Storage backends: each one an ``aioftp.AbstractPathIO``, reached from a storage URI through :func:`path_io_factory`.
+
+The table below is constant: a backend's module is imported on first use, so an install that only serves
+local disk never imports an S3 client.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from pathio_backends.base import StorageFactory
+
+if TYPE_CHECKING:
+    from gateway.config import Settings
+
+__all__ = ["StorageFactory", "check_uri", "path_io_factory", "SCHEMES"]
+
+# scheme -> (module, factory class, pip extra that provides its dependencies)
+SCHEMES: dict[str, tuple[str, str, str | None]] = {
+    "file": ("pathio_backends.local", "LocalStorage", None),
+}
+
+
+def _split(uri: str) -> tuple[str, str]:
+    scheme, sep, rest = uri.partition("://")
+    if not sep or not scheme:
+        raise ValueError(
+            f"storage URI {uri!r} has no scheme (expected one of: {', '.join(s + '://' for s in SCHEMES)})"
+        )
+    scheme = scheme.lower()
+    if scheme not in SCHEMES:
+        raise ValueError(f"storage URI {uri!r}: unknown scheme {scheme!r} (known: {', '.join(SCHEMES)})")
+    return scheme, rest
+
+
+def _factory_class(scheme: str) -> type[StorageFactory]:
+    module_name, class_name, extra = SCHEMES[scheme]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        hint = f": install ftp-gateway[{extra}]" if extra else ""
+        raise ValueError(f"the {scheme}:// backend cannot be loaded ({exc}){hint}") from exc
+    cls: type[StorageFactory] = getattr(module, class_name)
+    return cls
+
+
+def check_uri(uri: str) -> None:
+    """Raise ValueError with a readable message if ``uri`` names no usable storage."""
+    scheme, rest = _split(uri)
+    _factory_class(scheme).check(rest)
+
+
+def path_io_factory(uri: str, settings: Settings) -> StorageFactory:
+    """Turn a storage URI (``file:///srv/ftp/alice``) and the server's settings into aioftp's path-io factory.
+
+    The result is called as aioftp calls ``path_io_factory`` (``factory(timeout=..., connection=...)``) once
+    per session, and its ``base_path`` is what aioftp joins virtual paths onto.
+    """
+    scheme, rest = _split(uri)
+    return _factory_class(scheme).from_uri(uri, rest, settings)

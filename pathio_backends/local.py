@@ -1,0 +1,442 @@
+"""Local-disk backend on aiofiles: every file operation runs in a worker thread, never on the event loop.
+
+Confinement: aioftp resolves ``..`` in the virtual path, but its ``PathIO`` follows any symlink it meets.
+Here every path is resolved with ``realpath`` and refused when it lands outside the user's root, so a
+symlink planted in the root (``ln -s / root/escape``) leads nowhere: such entries are left out of listings,
+``exists`` says False and any other use is a PermissionError. Files are opened with ``O_NOFOLLOW`` after
+resolution. (A local user who swaps a directory for a symlink *between* the check and the open could
+still race it; FTP clients cannot create symlinks.)
+
+Uploads go to a hidden temporary file beside the target and replace it with one ``rename`` on commit, so
+an interrupted upload leaves the old file as it was and no partial file. REST+STOR and APPE first copy the
+kept head of the old file into the temporary file (``copy_file_range``: in the kernel, no bytes through
+Python).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import secrets
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+from urllib.parse import unquote
+
+import aiofiles
+import aiofiles.os
+from aioftp import AbstractPathIO, Connection
+from aioftp.common import AbstractAsyncLister, with_timeout
+from aioftp.pathio import universal_exception
+
+from pathio_backends.base import (
+    RESERVED_PREFIX,
+    Download,
+    PendingWrite,
+    StorageFactory,
+    TransactionalPathIO,
+    Upload,
+    check_name,
+)
+
+if TYPE_CHECKING:
+    from gateway.config import Settings
+
+logger = logging.getLogger(__name__)
+
+# Entries stat'ed per worker-thread hop while listing a directory.
+LIST_BATCH = 256
+COPY_CHUNK = 64 * 1024 * 1024
+
+
+def _run(func: Any) -> Any:
+    """Run a blocking function of this module in a worker thread, as aiofiles does for ``os``."""
+    return aiofiles.os.wrap(func)
+
+
+def _nofollow_opener(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+
+class Confinement:
+    """Maps the paths aioftp hands over (``base_path / virtual``) to real paths inside the root, or refuses."""
+
+    def __init__(self, base: Path, root_real: str) -> None:
+        self.base = base
+        self.root = root_real
+        self._prefix = root_real.rstrip(os.sep) + os.sep
+
+    def inside(self, real: str) -> bool:
+        return real == self.root or real.startswith(self._prefix)
+
+    def _lexical(self, path: Path) -> str:
+        check_name(path)
+        try:
+            relative = path.relative_to(self.base)
+        except ValueError:
+            raise PermissionError(errno.EACCES, "path outside the user's root", str(path)) from None
+        return os.path.join(self.root, relative) if relative.parts else self.root
+
+    def resolve(self, path: Path) -> str:
+        """The real path, following every symlink (blocking: call from a worker thread)."""
+        real = os.path.realpath(self._lexical(path))
+        if not self.inside(real):
+            raise PermissionError(errno.EACCES, "path leads outside the user's root", str(path))
+        return real
+
+    def resolve_entry(self, path: Path) -> str:
+        """The real path of the entry itself: its parent resolved, a final symlink not followed."""
+        lexical = self._lexical(path)
+        if lexical == self.root:
+            raise PermissionError(errno.EPERM, "the root directory cannot be changed", str(path))
+        parent = os.path.realpath(os.path.dirname(lexical))
+        if not self.inside(parent):
+            raise PermissionError(errno.EACCES, "path leads outside the user's root", str(path))
+        real = os.path.join(parent, os.path.basename(lexical))
+        if real == self.root:
+            raise PermissionError(errno.EPERM, "the root directory cannot be changed", str(path))
+        return real
+
+    def visible_stat(self, real_dir: str, name: str) -> os.stat_result | None:
+        """Stat of a listed entry, or None where it is hidden: our temporary files, dangling or escaping links."""
+        if name.startswith(RESERVED_PREFIX):
+            return None
+        full = os.path.join(real_dir, name)
+        try:
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                if not self.inside(os.path.realpath(full)):
+                    return None
+                st = os.stat(full)
+        except OSError:
+            return None
+        return st
+
+
+class LocalUpload(Upload):
+    def __init__(self, file: Any, temp: str, target: str, timeout: float | None) -> None:
+        self._file = file
+        self._temp = temp
+        self._target = target
+        self._timeout = timeout
+        self._pending = PendingWrite()
+
+    async def write(self, data: bytes) -> None:
+        # The write of this block runs in a thread while the caller receives the next one.
+        await self._pending.submit(lambda: self._file.write(data))
+
+    async def commit(self) -> None:
+        try:
+            await self._pending.wait()
+            await self._file.close()
+            await aiofiles.os.replace(self._temp, self._target)
+        except BaseException:
+            await self.abort()
+            raise
+
+    async def abort(self) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._pending.settle()
+        except TimeoutError:
+            # A write is stuck in the kernel: closing its file now could hand the descriptor to someone else.
+            logger.error("a write to %s is stuck; leaving the temporary file in place", self._temp)
+            return
+        try:
+            await self._file.close()
+        except OSError:
+            pass
+        try:
+            await aiofiles.os.remove(self._temp)
+        except FileNotFoundError:
+            pass
+
+
+class LocalDownload(Download):
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self._ahead: asyncio.Future[bytes] | None = None
+
+    async def read(self, size: int) -> bytes:
+        if self._ahead is None:
+            data: bytes = await self._file.read(size)
+        else:
+            # Shielded: a cancelled reader must not lose track of the read still running in its thread.
+            data = await asyncio.shield(self._ahead)
+            self._ahead = None
+        if data and size > 0:
+            # Read the next block from disk while this one goes out on the network.
+            self._ahead = asyncio.ensure_future(self._file.read(size))
+        return data
+
+    async def close(self) -> None:
+        if self._ahead is not None:
+            await asyncio.wait({self._ahead})
+            if not self._ahead.cancelled():
+                self._ahead.exception()
+            self._ahead = None
+        await self._file.close()
+
+
+class LocalPathIO(TransactionalPathIO):
+    def __init__(
+        self,
+        timeout: float | int | None = None,
+        connection: Connection | None = None,
+        state: Any = None,
+        *,
+        confinement: Confinement,
+    ) -> None:
+        super().__init__(timeout=timeout, connection=connection, state=state)
+        self._jail = confinement
+
+    # -- queries ---------------------------------------------------------------------------------------
+
+    def _stat_or_none(self, path: Path) -> os.stat_result | None:
+        try:
+            return os.stat(self._jail.resolve(path))
+        except (OSError, ValueError):
+            return None
+
+    async def _query(self, path: Path) -> os.stat_result | None:
+        cached = self._listed_stat(path)
+        if cached is not None:
+            return cached
+        result: os.stat_result | None = await _run(self._stat_or_none)(path)
+        return result
+
+    @universal_exception
+    @with_timeout
+    async def exists(self, path: Path) -> bool:
+        return await self._query(path) is not None
+
+    @universal_exception
+    @with_timeout
+    async def is_dir(self, path: Path) -> bool:
+        st = await self._query(path)
+        return st is not None and stat.S_ISDIR(st.st_mode)
+
+    @universal_exception
+    @with_timeout
+    async def is_file(self, path: Path) -> bool:
+        st = await self._query(path)
+        return st is not None and stat.S_ISREG(st.st_mode)
+
+    @universal_exception
+    @with_timeout
+    async def stat(self, path: Path) -> os.stat_result:
+        cached = self._listed_stat(path)
+        if cached is not None:
+            return cached
+        result: os.stat_result = await _run(lambda: os.stat(self._jail.resolve(path)))()
+        return result
+
+    def list(self, path: Path) -> AsyncIterator[Path]:
+        return _Lister(self, path, timeout=self.timeout)
+
+    # -- changes ---------------------------------------------------------------------------------------
+
+    @universal_exception
+    @with_timeout
+    async def mkdir(self, path: Path, *, parents: bool = False, exist_ok: bool = False) -> None:
+        self._forget_listed()
+
+        def mkdir() -> None:
+            real = self._jail.resolve(path)
+            if parents:
+                os.makedirs(real, exist_ok=exist_ok)
+            else:
+                try:
+                    os.mkdir(real)
+                except FileExistsError:
+                    if not (exist_ok and os.path.isdir(real)):
+                        raise
+
+        await _run(mkdir)()
+
+    @universal_exception
+    @with_timeout
+    async def rmdir(self, path: Path) -> None:
+        self._forget_listed()
+        await _run(lambda: os.rmdir(self._jail.resolve_entry(path)))()
+
+    @universal_exception
+    @with_timeout
+    async def unlink(self, path: Path) -> None:
+        self._forget_listed()
+
+        def unlink() -> None:
+            real = self._jail.resolve_entry(path)
+            if os.path.isdir(real) and not os.path.islink(real):
+                raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+            os.unlink(real)
+
+        await _run(unlink)()
+
+    @universal_exception
+    @with_timeout
+    async def rename(self, source: Path, destination: Path) -> Path:
+        self._forget_listed()
+
+        def rename() -> None:
+            os.rename(self._jail.resolve_entry(source), self._jail.resolve_entry(destination))
+
+        await _run(rename)()
+        return destination
+
+    # -- transfers -------------------------------------------------------------------------------------
+
+    def _prepare_upload(self, path: Path, offset: int, append: bool) -> tuple[int, str, str]:
+        parent = self._jail.resolve(path.parent)
+        if not os.path.isdir(parent):
+            raise FileNotFoundError(errno.ENOENT, "no such directory", str(path.parent))
+        target = os.path.join(parent, path.name)
+        if os.path.islink(target):
+            target = self._jail.resolve(path)
+        try:
+            old: os.stat_result | None = os.stat(target)
+        except FileNotFoundError:
+            old = None
+        if old is not None and stat.S_ISDIR(old.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+        size = old.st_size if old is not None else 0
+        if append:
+            offset = size
+        elif offset > size:
+            raise OSError(errno.EINVAL, "restart offset beyond the end of the file", str(path))
+        temp = os.path.join(os.path.dirname(target), RESERVED_PREFIX + secrets.token_hex(8))
+        mode = stat.S_IMODE(old.st_mode) if old is not None else 0o666
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        try:
+            if old is not None:
+                os.fchmod(fd, mode)
+            if offset:
+                _copy_head(target, fd, offset)
+        except BaseException:
+            os.close(fd)
+            os.unlink(temp)
+            raise
+        return fd, temp, target
+
+    async def _begin_upload(self, path: Path, *, offset: int, append: bool) -> Upload:
+        fd, temp, target = await _run(self._prepare_upload)(path, offset, append)
+        try:
+            file = await aiofiles.open(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            await aiofiles.os.remove(temp)
+            raise
+        return LocalUpload(file, temp, target, self.timeout)
+
+    async def _begin_download(self, path: Path, *, offset: int) -> Download:
+        real = await _run(self._jail.resolve)(path)
+        file = await aiofiles.open(real, "rb", opener=_nofollow_opener)
+        if offset:
+            await file.seek(offset)
+        return LocalDownload(file)
+
+
+class _Lister(AbstractAsyncLister[Path]):
+    """Lists a directory a batch at a time; each entry's stat is kept so aioftp's per-entry calls cost nothing."""
+
+    def __init__(self, owner: LocalPathIO, path: Path, *, timeout: float | int | None) -> None:
+        super().__init__(timeout=timeout)
+        self._owner = owner
+        self._path = path
+        self._real: str | None = None
+        self._names: list[str] | None = None
+        self._batch: list[tuple[str, os.stat_result]] = []
+
+    def _open(self) -> tuple[str, list[str]]:
+        real = self._owner._jail.resolve(self._path)
+        return real, sorted(os.listdir(real))
+
+    def _stat_batch(self, real: str, names: list[str]) -> list[tuple[str, os.stat_result]]:
+        batch = []
+        for name in names:
+            st = self._owner._jail.visible_stat(real, name)
+            if st is not None:
+                batch.append((name, st))
+        return batch
+
+    @universal_exception
+    @with_timeout
+    async def __anext__(self) -> Path:
+        if self._names is None:
+            self._owner._forget_listed()
+            self._real, self._names = await _run(self._open)()
+        while not self._batch:
+            if not self._names:
+                self._owner._forget_listed()
+                raise StopAsyncIteration
+            names, self._names = self._names[:LIST_BATCH], self._names[LIST_BATCH:]
+            self._batch = await _run(self._stat_batch)(self._real, names)
+            self._batch.reverse()
+            self._owner._remember_listed({self._path / name: st for name, st in self._batch})
+        name, _ = self._batch.pop()
+        return self._path / name
+
+
+def _copy_head(source: str, fd: int, count: int) -> None:
+    """Copy the first ``count`` bytes of ``source`` to ``fd`` inside the kernel where it can."""
+    src = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        left = count
+        while left:
+            try:
+                copied = os.copy_file_range(src, fd, min(left, COPY_CHUNK))
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                copied = os.write(fd, os.read(src, min(left, 1024 * 1024)))
+            if copied == 0:
+                raise OSError(errno.EIO, "file shrank while its head was being copied", source)
+            left -= copied
+    finally:
+        os.close(src)
+
+
+class LocalStorage(StorageFactory):
+    """``file:///absolute/path`` or ``file://./relative/path`` (relative to the server's working directory)."""
+
+    def __init__(self, uri: str, root: Path, settings: Settings | None = None) -> None:
+        self.uri = uri
+        self.base_path = root
+        self._confinement: Confinement | None = None
+
+    @classmethod
+    def check(cls, rest: str) -> None:
+        path = unquote(rest)
+        if not (path.startswith("/") or path == "." or path.startswith(("./", "../")) or path == ".."):
+            raise ValueError(f"file://{rest}: expected file:///absolute/path or file://./relative/path (no host part)")
+        if "\x00" in path:
+            raise ValueError("file:// path contains a NUL byte")
+
+    @classmethod
+    def from_uri(cls, uri: str, rest: str, settings: Settings) -> Self:
+        cls.check(rest)
+        return cls(uri, Path(os.path.abspath(unquote(rest))), settings)
+
+    async def prepare(self, *, create: bool) -> None:
+        def prepare() -> str:
+            if create:
+                os.makedirs(self.base_path, exist_ok=True)
+            if not os.path.isdir(self.base_path):
+                raise FileNotFoundError(errno.ENOENT, "storage root is not a directory", str(self.base_path))
+            return os.path.realpath(self.base_path)
+
+        root_real = await _run(prepare)()
+        self._confinement = Confinement(self.base_path, root_real)
+
+    def __call__(
+        self,
+        timeout: float | int | None = None,
+        connection: Connection | None = None,
+        state: Any = None,
+    ) -> AbstractPathIO[Path]:
+        if self._confinement is None:
+            raise RuntimeError("LocalStorage.prepare() must run before sessions use it")
+        return LocalPathIO(timeout=timeout, connection=connection, state=state, confinement=self._confinement)
