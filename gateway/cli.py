@@ -424,7 +424,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         except OSError as exc:
             if exc.errno is None:
                 raise
-            raise CliError(f"cannot listen on {settings.listen}: {exc.strerror}", EXIT_FAILURE) from None
+            raise CliError(f"cannot listen on {settings.listen}: {os.strerror(exc.errno)}", EXIT_FAILURE) from None
         return 0
 
     return _run(main(), "cannot start")

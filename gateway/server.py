@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import weakref
 from collections.abc import AsyncIterator
@@ -51,6 +52,14 @@ class GatewayServer(SessionCommands, TransferCommands, ListingCommands, FileComm
             for verb, method in getattr(cls, "NEW_COMMANDS", {}).items():
                 self.commands_mapping[verb] = getattr(self, method)
         self.commands_mapping = {verb: command_errors(verb, handler) for verb, handler in self.commands_mapping.items()}
+
+    async def dispatcher(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """aioftp's dispatcher, run as it is. A session cancelled by ``close()`` ends quietly here: Python 3.11's
+        ``start_server`` callback would log the cancelled task as an unhandled error."""
+        try:
+            await super().dispatcher(reader, writer)
+        except asyncio.CancelledError:
+            pass
 
 
 def format_address(host: str | None, port: int) -> str:

@@ -11,25 +11,43 @@ from __future__ import annotations
 import abc
 import asyncio
 import errno
+import functools
 import io
 import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self, TypeVar
 
 from aioftp import AbstractPathIO, Connection
-from aioftp.common import with_timeout
 from aioftp.pathio import AsyncPathIOContext, universal_exception
 
 if TYPE_CHECKING:
     from gateway.config import Settings
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 # Name of an upload in progress on local disk; hidden from listings and refused as a client's file name.
 RESERVED_PREFIX = ".ftp-gateway-upload."
+
+
+def with_timeout(
+    method: Callable[Concatenate[Any, P], Awaitable[T]],
+) -> Callable[Concatenate[Any, P], Awaitable[T]]:
+    """Bound a method by its object's ``timeout`` (aioftp's ``path_timeout``), like aioftp's ``with_timeout``.
+
+    aioftp's version uses ``asyncio.wait_for``, which on Python 3.11 swallows a cancellation that arrives as the
+    awaited call completes: an ABOR during a steady upload could be lost. ``asyncio.timeout`` does not.
+    """
+
+    @functools.wraps(method)
+    async def bounded(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        async with asyncio.timeout(self.timeout):
+            return await method(self, *args, **kwargs)
+
+    return bounded
 
 
 async def run_to_completion(coro: Awaitable[T]) -> T:
@@ -113,6 +131,19 @@ class TransactionalContext(AsyncPathIOContext):
                 await self.pathio.commit(self.file)
         finally:
             await run_to_completion(self.pathio.close(self.file))
+
+
+class Entered:
+    """An ``open()`` context that was entered elsewhere, for an ``async with`` that only has to leave it."""
+
+    def __init__(self, context: AsyncPathIOContext) -> None:
+        self.context = context
+
+    async def __aenter__(self) -> AsyncPathIOContext:
+        return self.context
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.context.__aexit__(*exc_info)
 
 
 class TransactionalPathIO(AbstractPathIO[Path]):
@@ -206,6 +237,13 @@ class TransactionalPathIO(AbstractPathIO[Path]):
         if file.download is None:
             file.download = await self._begin_download(file.path, offset=file.offset)
         return await file.download.read(block_size)
+
+    @universal_exception
+    @with_timeout
+    async def begin(self, file: FileHandle) -> None:
+        """Start the upload now rather than at the first write, so that a path that cannot be written is
+        refused before the client is told to send data."""
+        await self._upload(file)
 
     @universal_exception
     @with_timeout

@@ -29,7 +29,7 @@ from urllib.parse import unquote
 import aiofiles
 import aiofiles.os
 from aioftp import AbstractPathIO, Connection
-from aioftp.common import AbstractAsyncLister, with_timeout
+from aioftp.common import AbstractAsyncLister
 from aioftp.pathio import universal_exception
 
 from pathio_backends.base import (
@@ -40,6 +40,7 @@ from pathio_backends.base import (
     TransactionalPathIO,
     Upload,
     check_name,
+    with_timeout,
 )
 
 if TYPE_CHECKING:

@@ -15,7 +15,8 @@ from pathlib import Path, PurePosixPath
 import aioftp
 from aioftp.common import END_OF_LINE
 
-from gateway.commands.base import CommandBase, checks, ls_time, mlsx_time, start_worker
+from gateway.commands.base import CommandBase, checks, get, ls_time, mlsx_time, start_worker
+from gateway.commands.session import MLST_FACTS
 from gateway.commands.transfer import DATA_CONNECTION, send
 from gateway.errors import transfer_errors
 
@@ -68,11 +69,21 @@ class ListingCommands(CommandBase):
             yield path, await path_io.stat(path)
 
     async def _mlsx_line(self, connection: aioftp.Connection, path: Path, st: os.stat_result, name: str) -> str:
-        kind = "dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "OS.unix=other"
-        virtual = PurePosixPath("/") / path.relative_to(connection.user.base_path)
-        permission = await connection.user.get_permissions(virtual)
-        facts = f"type={kind};size={st.st_size};modify={mlsx_time(st.st_mtime)};perm={mlsx_perm(st, permission)};"
-        return f"{facts} {name}"
+        """``type=file;size=3;modify=20261125061256;perm=rawdf; name`` with the facts OPTS MLST selected."""
+        selected = get(connection, "mlst_facts", MLST_FACTS)
+        facts = []
+        if "type" in selected:
+            kind = "dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "OS.unix=other"
+            facts.append(f"type={kind};")
+        if "size" in selected:
+            facts.append(f"size={st.st_size};")
+        if "modify" in selected:
+            facts.append(f"modify={mlsx_time(st.st_mtime)};")
+        if "perm" in selected:
+            virtual = PurePosixPath("/") / path.relative_to(connection.user.base_path)
+            permission = await connection.user.get_permissions(virtual)
+            facts.append(f"perm={mlsx_perm(st, permission)};")
+        return "".join(facts) + " " + name
 
     def _send_lines(
         self, connection: aioftp.Connection, rest: str, make_lines: Callable[[Path], AsyncIterator[str]], what: str

@@ -23,10 +23,13 @@ IDLE = " idle"
 LINE_TOO_LONG = " line-too-long"
 NOT_UTF8 = " not-utf8"
 
+# Facts MLST and MLSD can give (RFC 3659 7.8); OPTS MLST picks some of them for the session.
+MLST_FACTS = ("type", "size", "modify", "perm")
+
 FEATURES = (
     "EPSV",
     "MDTM",
-    "MLST type*;size*;modify*;perm*;",
+    "MLST " + "".join(f"{fact}*;" for fact in MLST_FACTS),
     "PASV",
     "REST STREAM",
     "SIZE",
@@ -202,8 +205,15 @@ class SessionCommands(CommandBase):
 
     async def opts(self, connection: aioftp.Connection, rest: str) -> bool:
         option, _, value = rest.partition(" ")
-        if option.upper() == "UTF8" and value.upper() in ("ON", ""):
+        option = option.upper()
+        if option == "UTF8" and value.upper() in ("ON", ""):
             connection.response("200", "UTF-8 is always on.")
+        elif option == "MLST":
+            # RFC 3659 7.9: unknown facts are dropped silently; the reply names the facts now in use.
+            wanted = {fact.lower() for fact in value.split(";") if fact}
+            facts = tuple(fact for fact in MLST_FACTS if fact in wanted)
+            connection.mlst_facts = facts
+            connection.response("200", "MLST OPTS " + "".join(f"{fact};" for fact in facts))
         else:
             connection.response("501", f"Option {option!r} not understood.")
         return True

@@ -12,13 +12,18 @@ import asyncio
 import logging
 import os
 import socket
-from pathlib import PurePosixPath
+from collections.abc import Awaitable
+from pathlib import Path, PurePosixPath
+from typing import cast
 
 import aioftp
-from aioftp.common import StreamIO
+from aioftp import AbstractPathIO
+from aioftp.common import ThrottleStreamIO
+from aioftp.pathio import AsyncPathIOContext
 
-from gateway.commands.base import CommandBase, checks, start_worker
+from gateway.commands.base import CommandBase, checks, get, start_worker
 from gateway.errors import DataConnectionError, RestartOffsetError, transfer_errors
+from pathio_backends.base import Entered, FileHandle, TransactionalPathIO, run_to_completion
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +35,39 @@ DATA_CONNECTION = aioftp.ConnectionConditions(
 )
 
 
+async def receive(stream: ThrottleStreamIO, count: int) -> bytes:
+    """``stream.read(count)``, throttled as aioftp does, but bounded with ``asyncio.timeout``: aioftp's
+    ``wait_for`` on Python 3.11 can swallow the cancellation of an ABOR when data arrives at the same moment,
+    and it costs a task per read."""
+    await stream.wait("read")
+    start = asyncio.get_running_loop().time()
+    try:
+        async with asyncio.timeout(stream.read_timeout):
+            data = await stream.reader.read(count)
+    except (OSError, asyncio.IncompleteReadError) as exc:
+        raise DataConnectionError(f"data connection failed: {exc!r}") from exc
+    stream.append("read", data, start)
+    return data
+
+
+async def send(stream: ThrottleStreamIO, data: bytes) -> None:
+    """``stream.write(data)`` with the same changes as :func:`receive`."""
+    await stream.wait("write")
+    start = asyncio.get_running_loop().time()
+    try:
+        stream.writer.write(data)
+        async with asyncio.timeout(stream.write_timeout):
+            await stream.writer.drain()
+    except OSError as exc:
+        raise DataConnectionError(f"data connection failed: {exc!r}") from exc
+    stream.append("write", data, start)
+
+
 class BlockReceiver:
     """Reads a data connection in blocks of ``block_size``: a socket read returns at most what the kernel has
     (often 64 KiB), and storing fewer, larger blocks costs fewer thread hops or S3 requests."""
 
-    def __init__(self, stream: StreamIO, block_size: int) -> None:
+    def __init__(self, stream: ThrottleStreamIO, block_size: int) -> None:
         self.stream = stream
         self.block_size = block_size
         self.received = 0
@@ -47,10 +80,7 @@ class BlockReceiver:
         chunks: list[bytes] = []
         size = 0
         while size < self.block_size and not self._eof:
-            try:
-                chunk = await self.stream.read(self.block_size - size)
-            except (OSError, asyncio.IncompleteReadError) as exc:
-                raise DataConnectionError(f"data connection failed: {exc!r}") from exc
+            chunk = await receive(self.stream, self.block_size - size)
             if not chunk:
                 self._eof = True
                 break
@@ -60,13 +90,6 @@ class BlockReceiver:
             raise StopAsyncIteration
         self.received += size
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-async def send(stream: StreamIO, data: bytes) -> None:
-    try:
-        await stream.write(data)
-    except OSError as exc:
-        raise DataConnectionError(f"data connection failed: {exc!r}") from exc
 
 
 def control_connection_lost(connection: aioftp.Connection) -> bool:
@@ -96,10 +119,40 @@ def control_connection_lost(connection: aioftp.Connection) -> bool:
         return True
 
 
+async def open_upload(path_io: AbstractPathIO[Path], real_path: Path, mode: str, offset: int) -> AsyncPathIOContext:
+    """Open and start the upload before the 150 reply: a path that cannot be written gets 550 (or 553)
+    instead of a 451 after the client has started sending."""
+    file = path_io.open(real_path, mode=mode)
+    await file.__aenter__()
+    try:
+        if offset:
+            await file.seek(offset)
+        if isinstance(path_io, TransactionalPathIO):
+            await path_io.begin(cast(FileHandle, file.file))
+    except BaseException as exc:
+        await file.__aexit__(type(exc), exc, exc.__traceback__)
+        raise
+    return file
+
+
+async def closing(path_io: AbstractPathIO[Path], file: AsyncPathIOContext, worker: Awaitable[object]) -> None:
+    """Run a transfer worker, then make sure its file is closed: aioftp's data-connection check answers 425
+    without running the worker at all when the client never connects."""
+    try:
+        await worker
+    finally:
+        if file.close is not None:
+            await run_to_completion(file.close())
+
+
 def take_restart_offset(connection: aioftp.Connection) -> int:
-    """REST applies to the next transfer only (aioftp would keep it for the one after as well)."""
-    offset: int = connection.restart_offset
-    connection.restart_offset = 0
+    """The offset of the last REST, for this transfer only.
+
+    Kept under a name of our own: aioftp's dispatcher clears ``restart_offset`` on any other command, which
+    loses the REST of clients that send TYPE or PASV between REST and RETR (vsftpd keeps it, and so do we).
+    """
+    offset: int = get(connection, "pending_rest", 0)
+    connection.pending_rest = 0
     return offset
 
 
@@ -118,9 +171,7 @@ class TransferCommands(CommandBase):
         async def stor_worker(self: TransferCommands, connection: aioftp.Connection, rest: str) -> None:
             stream = connection.data_connection
             del connection.data_connection
-            async with stream, connection.path_io.open(real_path, mode=mode) as file:
-                if offset:
-                    await file.seek(offset)
+            async with stream, Entered(file):
                 receiver = BlockReceiver(stream, connection.block_size)
                 async for block in receiver:
                     await file.write(block)
@@ -145,8 +196,19 @@ class TransferCommands(CommandBase):
             size = (await path_io.stat(real_path)).st_size
             if offset > size:
                 raise RestartOffsetError(offset, size)
-        start_worker(connection, stor_worker(self, connection, rest))
+        file = await open_upload(path_io, real_path, mode, offset)
+        start_worker(connection, closing(path_io, file, stor_worker(self, connection, rest)))
         connection.response("150", "Ready to receive data.")
+        return True
+
+    @checks(aioftp.ConnectionConditions(aioftp.ConnectionConditions.login_required))
+    async def rest(self, connection: aioftp.Connection, rest: str) -> bool:
+        if rest.isdigit():
+            connection.pending_rest = int(rest)
+            connection.response("350", f"Restarting at {int(rest)}. Send STOR or RETR to start the transfer.")
+        else:
+            connection.pending_rest = 0
+            connection.response("501", f"REST needs a byte offset, not {rest!r}.")
         return True
 
     async def appe(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:

@@ -1,0 +1,299 @@
+"""Real FTP clients behind one small interface, so one scenario drives each of them the same way.
+
+Listings come back as ``{name: (type, size)}``; ``type`` is ``"file"`` or ``"dir"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ftplib
+import io
+import re
+import subprocess
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Protocol
+from urllib.parse import quote
+
+import aioftp
+
+from tests.helpers import require_binary
+
+Listing = dict[str, tuple[str, int]]
+
+
+class FtpClient(Protocol):
+    name: str
+
+    def login(self, user: str, password: str) -> None: ...
+    def mkd(self, path: str) -> None: ...
+    def cwd(self, path: str) -> None: ...
+    def pwd(self) -> str: ...
+    def stor(self, name: str, data: bytes) -> None: ...
+    def retr(self, name: str) -> bytes: ...
+    def list(self, path: str = "") -> Listing: ...
+    def mlsd(self, path: str = "") -> Listing: ...
+    def rename(self, source: str, destination: str) -> None: ...
+    def dele(self, name: str) -> None: ...
+    def rmd(self, path: str) -> None: ...
+    def quit(self) -> None: ...
+
+
+def parse_list_line(line: str) -> tuple[str, tuple[str, int]]:
+    """One ``ls -l`` line: mode, links, owner, group, size, 3 date words, name (which may hold spaces)."""
+    parts = line.split(None, 8)
+    kind = "dir" if parts[0].startswith("d") else "file"
+    return parts[8], (kind, int(parts[4]) if kind == "file" else 0)
+
+
+def parse_list(lines: list[str]) -> Listing:
+    return dict(parse_list_line(line) for line in lines if line.strip() and not line.startswith("total"))
+
+
+def mlsd_entry(facts: dict[str, str]) -> tuple[str, int]:
+    kind = facts["type"].lower()
+    return kind, int(facts["size"]) if kind == "file" else 0
+
+
+def parse_mlsd(lines: list[str]) -> Listing:
+    listing = {}
+    for line in lines:
+        if not line.strip():
+            continue
+        facts_text, _, name = line.partition(" ")
+        facts = dict(fact.split("=", 1) for fact in facts_text.rstrip(";").split(";"))
+        listing[name] = mlsd_entry({k.lower(): v for k, v in facts.items()})
+    return listing
+
+
+class FtplibClient:
+    name = "ftplib"
+
+    def __init__(self, host: str, port: int, *, passive: bool = True) -> None:
+        self.host, self.port, self.passive = host, port, passive
+        self.ftp = ftplib.FTP(timeout=30, encoding="utf-8")
+
+    def login(self, user: str, password: str) -> None:
+        self.ftp.connect(self.host, self.port)
+        try:
+            self.ftp.login(user, password)
+        except BaseException:
+            self.ftp.close()
+            raise
+        self.ftp.set_pasv(self.passive)
+
+    def mkd(self, path: str) -> None:
+        self.ftp.mkd(path)
+
+    def cwd(self, path: str) -> None:
+        self.ftp.cwd(path)
+
+    def pwd(self) -> str:
+        return self.ftp.pwd()
+
+    def stor(self, name: str, data: bytes) -> None:
+        self.ftp.storbinary(f"STOR {name}", io.BytesIO(data))
+
+    def retr(self, name: str) -> bytes:
+        buffer = io.BytesIO()
+        self.ftp.retrbinary(f"RETR {name}", buffer.write)
+        return buffer.getvalue()
+
+    def list(self, path: str = "") -> Listing:
+        lines: list[str] = []
+        self.ftp.retrlines(f"LIST {path}".rstrip(), lines.append)
+        return parse_list(lines)
+
+    def mlsd(self, path: str = "") -> Listing:
+        return {name: mlsd_entry(facts) for name, facts in self.ftp.mlsd(path, facts=["type", "size"])}
+
+    def rename(self, source: str, destination: str) -> None:
+        self.ftp.rename(source, destination)
+
+    def dele(self, name: str) -> None:
+        self.ftp.delete(name)
+
+    def rmd(self, path: str) -> None:
+        self.ftp.rmd(path)
+
+    def quit(self) -> None:
+        self.ftp.quit()
+
+
+class AioftpClient:
+    """aioftp's own client, kept connected across calls on a private event loop."""
+
+    name = "aioftp"
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.runner = asyncio.Runner()
+        self.client = aioftp.Client(socket_timeout=30, path_timeout=30, encoding="utf-8")
+
+    def _run(self, coro: object) -> object:
+        return self.runner.run(coro)  # type: ignore[arg-type]
+
+    def login(self, user: str, password: str) -> None:
+        async def login() -> None:
+            await self.client.connect(self.host, self.port)
+            await self.client.login(user, password)
+
+        self._run(login())
+
+    def mkd(self, path: str) -> None:
+        self._run(self.client.make_directory(path, parents=False))
+
+    def cwd(self, path: str) -> None:
+        self._run(self.client.change_directory(path))
+
+    def pwd(self) -> str:
+        return str(self._run(self.client.get_current_directory()))
+
+    def stor(self, name: str, data: bytes) -> None:
+        async def stor() -> None:
+            async with self.client.upload_stream(name) as stream:
+                for start in range(0, len(data), 256 * 1024):
+                    await stream.write(data[start : start + 256 * 1024])
+
+        self._run(stor())
+
+    def retr(self, name: str) -> bytes:
+        async def retr() -> bytes:
+            chunks = []
+            async with self.client.download_stream(name) as stream:
+                async for block in stream.iter_by_block():
+                    chunks.append(block)
+            return b"".join(chunks)
+
+        return self._run(retr())  # type: ignore[return-value]
+
+    def _list(self, path: str, command: str) -> Listing:
+        async def listing() -> Listing:
+            entries = await self.client.list(path or ".", raw_command=command)
+            result = {}
+            for entry_path, info in entries:
+                kind = str(info["type"])
+                result[PurePosixPath(entry_path).name] = (kind, int(info["size"]) if kind == "file" else 0)
+            return result
+
+        return self._run(listing())  # type: ignore[return-value]
+
+    def list(self, path: str = "") -> Listing:
+        return self._list(path, "LIST")
+
+    def mlsd(self, path: str = "") -> Listing:
+        return self._list(path, "MLSD")
+
+    def rename(self, source: str, destination: str) -> None:
+        self._run(self.client.rename(source, destination))
+
+    def dele(self, name: str) -> None:
+        self._run(self.client.remove_file(name))
+
+    def rmd(self, path: str) -> None:
+        self._run(self.client.remove_directory(path))
+
+    def quit(self) -> None:
+        try:
+            self._run(self.client.quit())
+        finally:
+            self.runner.close()
+
+
+class CurlError(AssertionError):
+    pass
+
+
+class CurlClient:
+    """curl, one process per operation as scripts use it; the working directory is kept here and turned into
+    the URL path (curl then sends one CWD per path component)."""
+
+    name = "curl"
+
+    def __init__(self, host: str, port: int, *, active: bool = False) -> None:
+        self.curl = require_binary("curl")
+        self.base = f"ftp://{host}:{port}"
+        self.active = active
+        self.directory = PurePosixPath("/")
+        self.credentials = ""
+
+    def _url(self, path: str = "", directory: bool = False) -> str:
+        full = self.directory / path if path else self.directory
+        encoded = quote(str(full))
+        return self.base + encoded + ("/" if directory and not encoded.endswith("/") else "")
+
+    def _run(self, *args: str, stdin_file: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+        command = [self.curl, "--silent", "--show-error", "--user", self.credentials, "--max-time", "60"]
+        if self.active:
+            command += ["--ftp-port", "-"]
+        result = subprocess.run([*command, *args], capture_output=True, timeout=90, check=False)
+        if result.returncode != 0:
+            raise CurlError(f"curl {args} failed ({result.returncode}): {result.stderr.decode(errors='replace')}")
+        return result
+
+    def _quote(self, *commands: str) -> None:
+        args: list[str] = []
+        for command in commands:
+            args += ["--quote", command]
+        self._run(*args, "--list-only", self.base + "/")
+
+    def login(self, user: str, password: str) -> None:
+        self.credentials = f"{user}:{password}"
+        self._run("--list-only", self.base + "/")
+
+    def _absolute(self, path: str) -> str:
+        return str(self.directory / path)
+
+    def mkd(self, path: str) -> None:
+        self._quote(f"MKD {self._absolute(path)}")
+
+    def cwd(self, path: str) -> None:
+        target = PurePosixPath(self._absolute(path))
+        parts = [p for p in target.parts[1:]]
+        resolved = PurePosixPath("/")
+        for part in parts:
+            resolved = resolved.parent if part == ".." else resolved / part
+        previous, self.directory = self.directory, resolved
+        try:
+            self._run("--list-only", self._url(directory=True))
+        except CurlError:
+            self.directory = previous
+            raise
+
+    def pwd(self) -> str:
+        # "-" sends the command after the transfer, still in the URL's directory.
+        result = self._run("--verbose", "--quote", "-PWD", "--list-only", self._url(directory=True))
+        replies = re.findall(r'^< 257 "((?:[^"]|"")*)"', result.stderr.decode(), re.MULTILINE)
+        return replies[-1].replace('""', '"')
+
+    def stor(self, name: str, data: bytes) -> None:
+        with tempfile.NamedTemporaryFile() as source:
+            source.write(data)
+            source.flush()
+            self._run("--upload-file", source.name, self._url(name))
+
+    def retr(self, name: str) -> bytes:
+        return self._run(self._url(name)).stdout
+
+    def list(self, path: str = "") -> Listing:
+        output = self._run(self._url(path, directory=True)).stdout.decode()
+        return parse_list(output.splitlines())
+
+    def mlsd(self, path: str = "") -> Listing:
+        output = self._run("--request", "MLSD", self._url(path, directory=True)).stdout.decode()
+        return parse_mlsd(output.splitlines())
+
+    def rename(self, source: str, destination: str) -> None:
+        self._quote(f"RNFR {self._absolute(source)}", f"RNTO {self._absolute(destination)}")
+
+    def dele(self, name: str) -> None:
+        self._quote(f"DELE {self._absolute(name)}")
+
+    def rmd(self, path: str) -> None:
+        self._quote(f"RMD {self._absolute(path)}")
+
+    def quit(self) -> None:
+        pass
+
+
+CLIENTS = {"ftplib": FtplibClient, "aioftp": AioftpClient, "curl": CurlClient}

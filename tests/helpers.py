@@ -1,0 +1,201 @@
+"""Test helpers: a real gateway on a loopback port in its own thread, scratch PostgreSQL databases, and the
+rule that a missing real dependency fails the run under CI=true instead of skipping."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from gateway.config import Settings, load_settings
+from gateway.server import GatewayServer, running_gateway
+from gateway.users.passwords import Passwords
+from gateway.users.store import UserInfo
+
+T = TypeVar("T")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+POSTGRES_URL = os.environ.get("FTP_GATEWAY_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+MiB = 1024 * 1024
+
+
+def missing(what: str) -> None:
+    """A real dependency of a test is absent: fail under CI (``.ci/run`` must have installed it), else skip."""
+    if IN_CI:
+        pytest.fail(f"{what} is missing; .ci/run must provide it", pytrace=False)
+    pytest.skip(f"{what} is missing")
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        missing(f"the {name!r} command")
+    assert path is not None
+    return path
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def random_bytes(size: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def free_passive_range(width: int = 50) -> tuple[int, int]:
+    low = random.SystemRandom().randrange(40000, 60000 - width)
+    return low, low + width - 1
+
+
+def gateway_settings(tmp_path: Path, database_url: str | None = None, **overrides: Any) -> Settings:
+    low, high = free_passive_range()
+    values: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "database": {"url": database_url or f"sqlite:///{tmp_path / 'users.db'}"},
+        "storage": {"default_uri": f"file://{tmp_path / 'data'}/{{username}}"},
+        "passive": {"port_min": low, "port_max": high},
+        "limits": {"failed_login_delay": 0},
+        "timeouts": {"data_connection": 10, "socket": 10},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            values.setdefault(key, {}).update(value)
+        else:
+            values[key] = value
+    return load_settings(None, values)
+
+
+class GatewayThread:
+    """A gateway started with :func:`running_gateway` on its own event loop, as a separate process would be."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.server: GatewayServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="gateway", daemon=True)
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            self._error = exc
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with running_gateway(self.settings) as server:
+            self.server = server
+            self._ready.set()
+            await self._stop.wait()
+
+    def start(self) -> GatewayThread:
+        self._thread.start()
+        if not self._ready.wait(30) or self._error is not None:
+            raise RuntimeError("gateway did not start") from self._error
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+        if self._thread.is_alive():
+            raise RuntimeError("gateway did not stop")
+        if self._error is not None:
+            raise self._error
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.server_port
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
+
+    def call(self, make: Callable[[], Awaitable[T]], timeout: float = 30) -> T:
+        """Run a coroutine on the gateway's loop (the only loop its objects may be used from)."""
+        assert self._loop is not None
+
+        async def run() -> T:
+            return await make()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout)
+
+    def add_user(self, name: str, password: str = "secret", **options: Any) -> UserInfo:
+        password_hash = Passwords().hash_now(password)
+        assert self.server is not None
+        store = self.server.user_manager.store
+        return self.call(lambda: store.add(name, password_hash, **options))
+
+    def root_of(self, name: str) -> Path:
+        uri = self.settings.storage.default_uri.replace("{username}", name)
+        return Path(uri.removeprefix("file://"))
+
+    def sessions_of(self, name: str) -> int:
+        assert self.server is not None
+        manager = self.server.user_manager
+
+        async def count() -> int:
+            return manager.sessions(name)
+
+        return self.call(count)
+
+    def wait_for_sessions(self, name: str, expected: int, timeout: float = 10) -> None:
+        """The server counts a session's end just after the client saw 221; wait until it has."""
+        deadline = time.monotonic() + timeout
+        while self.sessions_of(name) != expected:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} still has {self.sessions_of(name)} sessions, expected {expected}")
+            time.sleep(0.01)
+
+
+@contextmanager
+def running(settings: Settings) -> Iterator[GatewayThread]:
+    gateway = GatewayThread(settings).start()
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+# -- PostgreSQL --------------------------------------------------------------------------------------------
+
+
+async def _admin(sql: str) -> None:
+    import asyncpg
+
+    dsn = POSTGRES_URL.replace("postgresql+asyncpg://", "postgresql://")
+    connection = await asyncpg.connect(dsn, timeout=5)
+    try:
+        await connection.execute(sql)
+    finally:
+        await connection.close()
+
+
+@contextmanager
+def scratch_postgres() -> Iterator[str]:
+    """A new, empty database on the test server; dropped afterwards."""
+    name = "ftp_gateway_test_" + secrets.token_hex(6)
+    try:
+        asyncio.run(_admin(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # noqa: BLE001 - unreachable, refused, no such database: all mean no server
+        missing(f"PostgreSQL at {POSTGRES_URL} ({exc!r})")
+    base, _, _ = POSTGRES_URL.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

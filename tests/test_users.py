@@ -1,0 +1,155 @@
+"""Logins against users in SQLite and in PostgreSQL."""
+
+from __future__ import annotations
+
+import ftplib
+import gc
+
+import argon2
+import pytest
+
+from gateway.users.store import UserChanges
+from tests.clients import FtplibClient
+from tests.helpers import GatewayThread
+
+
+def login(gateway: GatewayThread, name: str, password: str) -> FtplibClient:
+    client = FtplibClient(gateway.host, gateway.port)
+    client.login(name, password)
+    return client
+
+
+def refused(gateway: GatewayThread, name: str, password: str) -> str:
+    with pytest.raises(ftplib.error_perm) as excinfo:
+        login(gateway, name, password)
+    return str(excinfo.value)
+
+
+def change(gateway: GatewayThread, name: str, **changes: object) -> None:
+    assert gateway.server is not None
+    store = gateway.server.user_manager.store
+    gateway.call(lambda: store.change(name, UserChanges(**changes)))  # type: ignore[arg-type]
+
+
+def test_wrong_password_and_unknown_user_get_the_same_530(db_gateway: GatewayThread) -> None:
+    db_gateway.add_user("alice", "right")
+    wrong = refused(db_gateway, "alice", "wrong")
+    unknown = refused(db_gateway, "nobody", "right")
+    assert wrong.startswith("530")
+    assert unknown == wrong
+    login(db_gateway, "alice", "right").quit()
+
+
+def test_user_needs_a_password_before_anything(db_gateway: GatewayThread) -> None:
+    db_gateway.add_user("alice", "right")
+    ftp = ftplib.FTP()
+    ftp.connect(db_gateway.host, db_gateway.port, timeout=10)
+    assert ftp.sendcmd("USER alice").startswith("331")
+    for command in ("PWD", "CWD /", "MKD x", "PASV"):
+        with pytest.raises(ftplib.error_perm) as excinfo:
+            ftp.sendcmd(command)
+        assert str(excinfo.value).startswith("503"), command
+    with pytest.raises(ftplib.error_perm) as excinfo:
+        ftp.sendcmd("PASS wrong")
+    assert str(excinfo.value).startswith("530")
+    # After a failed PASS the name must be given again.
+    with pytest.raises(ftplib.error_perm) as excinfo:
+        ftp.sendcmd("PASS right")
+    assert str(excinfo.value).startswith("503")
+    ftp.login("alice", "right")
+    ftp.quit()
+
+
+def test_disabled_user_is_refused_until_enabled(db_gateway: GatewayThread) -> None:
+    db_gateway.add_user("alice", "right")
+    change(db_gateway, "alice", enabled=False)
+    assert refused(db_gateway, "alice", "right").startswith("530")
+    change(db_gateway, "alice", enabled=True)
+    login(db_gateway, "alice", "right").quit()
+
+
+def test_max_sessions_counted_after_the_password(db_gateway: GatewayThread) -> None:
+    db_gateway.add_user("alice", "right", max_sessions=1)
+    # Bare USER commands, and wrong passwords, take no slot (aioftp's own manager would count them).
+    lurkers = []
+    for _ in range(3):
+        ftp = ftplib.FTP()
+        ftp.connect(db_gateway.host, db_gateway.port, timeout=10)
+        ftp.sendcmd("USER alice")
+        lurkers.append(ftp)
+    assert refused(db_gateway, "alice", "wrong").startswith("530")
+    first = login(db_gateway, "alice", "right")
+    message = refused(db_gateway, "alice", "right")
+    assert message.startswith("530") and "Too many sessions" in message
+    assert db_gateway.sessions_of("alice") == 1
+    first.quit()
+    db_gateway.wait_for_sessions("alice", 0)
+    login(db_gateway, "alice", "right").quit()
+    for ftp in lurkers:
+        ftp.close()
+
+
+def test_stored_hash_is_argon2id_and_login_is_stamped(db_gateway: GatewayThread) -> None:
+    db_gateway.add_user("alice", "correct horse")
+    assert db_gateway.server is not None
+    store = db_gateway.server.user_manager.store
+    row = db_gateway.call(lambda: store.get("alice"))
+    assert row is not None
+    assert row.password_hash.startswith("$argon2id$")
+    assert "correct horse" not in row.password_hash
+    assert argon2.extract_parameters(row.password_hash).type is argon2.Type.ID
+    assert row.last_login_at is None
+    login(db_gateway, "alice", "correct horse").quit()
+    info = db_gateway.call(lambda: store.info("alice"))
+    assert info.last_login_at is not None
+
+
+def test_sessions_of_a_user_share_one_throttle(db_gateway: GatewayThread) -> None:
+    db_gateway.add_user("alice", "a", download_limit=10_000_000)
+    db_gateway.add_user("bob", "b", download_limit=10_000_000)
+    server = db_gateway.server
+    assert server is not None
+    clients = [login(db_gateway, "alice", "a"), login(db_gateway, "alice", "a"), login(db_gateway, "bob", "b")]
+
+    async def throttles() -> dict[str, list[object]]:
+        found: dict[str, list[object]] = {}
+        for connection in server.connections.values():
+            if connection.future.logged.done():
+                found.setdefault(connection.user.login, []).append(
+                    connection.command_connection.throttles["user_global"]
+                )
+        return found
+
+    by_user = db_gateway.call(throttles)
+    alice, bob = by_user["alice"], by_user["bob"]
+    assert len(alice) == 2 and alice[0] is alice[1]
+    assert bob[0] is not alice[0]
+    assert alice[0].write.limit == 10_000_000  # type: ignore[attr-defined]
+    for client in clients:
+        client.quit()
+    db_gateway.wait_for_sessions("alice", 0)
+    db_gateway.wait_for_sessions("bob", 0)
+
+    # Logins do not accumulate throttles: each user's goes with its last session.
+    for _ in range(20):
+        login(db_gateway, "alice", "a").quit()
+    db_gateway.wait_for_sessions("alice", 0)
+
+    async def throttle_count() -> int:
+        gc.collect()
+        return len(server.throttle_per_user)
+
+    assert db_gateway.call(throttle_count) == 0
+
+
+def test_change_applies_at_next_login(db_gateway: GatewayThread) -> None:
+    db_gateway.add_user("alice", "a")
+    first = login(db_gateway, "alice", "a")
+    first.stor("before.txt", b"1")
+    change(db_gateway, "alice", permissions={"/": (True, False)})
+    second = login(db_gateway, "alice", "a")
+    with pytest.raises(ftplib.error_perm):
+        second.stor("after.txt", b"2")
+    assert second.retr("before.txt") == b"1"
+    first.quit()
+    second.quit()
