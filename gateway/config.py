@@ -78,6 +78,9 @@ class StorageSettings(_Section):
 class TransferSettings(_Section):
     # Bytes read from a data connection or a file at a time; aioftp's 8 KiB is ~10x too slow.
     block_size: Annotated[int, Field(ge=4096, le=64 * MiB)] = 1 * MiB
+    # Threads that move local-disk transfers with blocking recv/write/sendfile; more transfers than this at
+    # once go through the event loop (slower, same result). 0: always the event loop.
+    pump_threads: Annotated[int, Field(ge=0, le=1024)] = 64
 
 
 class TimeoutSettings(_Section):

@@ -16,6 +16,7 @@ from gateway.commands.session import SessionCommands
 from gateway.commands.transfer import TransferCommands
 from gateway.config import Settings
 from gateway.errors import command_errors
+from gateway.pump import TransferPump
 from gateway.users.db import create_engine, display_url, ensure_schema
 from gateway.users.manager import DatabaseUserManager
 from gateway.users.store import UserStore
@@ -46,6 +47,8 @@ class GatewayServer(SessionCommands, TransferCommands, ListingCommands, FileComm
         )
         self.settings = settings
         self.user_manager = user_manager
+        threads = settings.transfer.pump_threads
+        self.pump = TransferPump(threads) if threads else None
         # aioftp keeps a throttle per User object forever; weak keys drop it with the user's last session.
         self.throttle_per_user = weakref.WeakKeyDictionary()  # type: ignore[assignment]
         for cls in reversed(type(self).__mro__):
@@ -76,6 +79,8 @@ async def running_gateway(settings: Settings) -> AsyncIterator[GatewayServer]:
         await ensure_schema(engine)
         logger.info("users in %s", display_url(engine.url))
         server = GatewayServer(settings, DatabaseUserManager(UserStore(engine), settings))
+        if server.pump is not None:
+            stack.callback(server.pump.close)
         await server.start(settings.listen_host, settings.listen_port)
         stack.push_async_callback(server.close)
         yield server

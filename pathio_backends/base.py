@@ -92,6 +92,10 @@ class Upload(abc.ABC):
     @abc.abstractmethod
     async def abort(self) -> None: ...
 
+    def fileno(self) -> int | None:
+        """A descriptor the caller may write the rest of the upload to with blocking calls, or None."""
+        return None
+
 
 class Download(abc.ABC):
     @abc.abstractmethod
@@ -99,6 +103,10 @@ class Download(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
+
+    def fileno(self) -> int | None:
+        """A descriptor the caller may read with blocking calls (positioned reads only), or None."""
+        return None
 
 
 @dataclass(eq=False)
@@ -229,14 +237,27 @@ class TransactionalPathIO(AbstractPathIO[Path]):
         await upload.write(data)
         return len(data)
 
-    @universal_exception
-    @with_timeout
-    async def read(self, file: FileHandle, block_size: int = -1) -> bytes:  # type: ignore[override]
+    async def _download(self, file: FileHandle) -> Download:
         if file.writing:
             raise io.UnsupportedOperation("file opened for writing")
         if file.download is None:
             file.download = await self._begin_download(file.path, offset=file.offset)
-        return await file.download.read(block_size)
+        return file.download
+
+    @universal_exception
+    @with_timeout
+    async def read(self, file: FileHandle, block_size: int = -1) -> bytes:  # type: ignore[override]
+        return await (await self._download(file)).read(block_size)
+
+    @universal_exception
+    @with_timeout
+    async def native_fd(self, file: FileHandle) -> int | None:
+        """Start the transfer and return a file descriptor for blocking I/O in a worker thread, if the backend has
+        one (local disk): uploads write from the current position, downloads use positioned reads from
+        ``file.offset``. The upload still commits or aborts through the ``open()`` context as usual."""
+        if file.writing:
+            return (await self._upload(file)).fileno()
+        return (await self._download(file)).fileno()
 
     @universal_exception
     @with_timeout

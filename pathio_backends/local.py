@@ -124,10 +124,18 @@ class LocalUpload(Upload):
         self._target = target
         self._timeout = timeout
         self._pending = PendingWrite()
+        self._buffered = False
 
     async def write(self, data: bytes) -> None:
         # The write of this block runs in a thread while the caller receives the next one.
+        self._buffered = True
         await self._pending.submit(lambda: self._file.write(data))
+
+    def fileno(self) -> int | None:
+        if self._buffered:
+            return None  # blocks went through the buffered file already; keep to one way of writing
+        fd: int = self._file.fileno()
+        return fd
 
     async def commit(self) -> None:
         try:
@@ -172,6 +180,10 @@ class LocalDownload(Download):
             # Read the next block from disk while this one goes out on the network.
             self._ahead = asyncio.ensure_future(self._file.read(size))
         return data
+
+    def fileno(self) -> int | None:
+        fd: int = self._file.fileno()
+        return fd
 
     async def close(self) -> None:
         if self._ahead is not None:

@@ -18,9 +18,18 @@ import pytest
 
 from pathio_backends.base import RESERVED_PREFIX
 from tests.clients import FtplibClient
-from tests.helpers import MiB, GatewayThread, gateway_settings, random_bytes, require_binary, running, sha256
+from tests.helpers import GatewayThread, MiB, gateway_settings, random_bytes, require_binary, running, sha256
 
 OLD = b"the previous version\n"
+
+
+@pytest.fixture(params=["pump", "event-loop"])
+def gateway(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[GatewayThread]:
+    """Every test here runs twice: local-disk transfers through the worker-thread pump (the default) and
+    through the event loop (used under speed limits, or when all pump threads are busy)."""
+    threads = 64 if request.param == "pump" else 0
+    with running(gateway_settings(tmp_path, transfer={"pump_threads": threads})) as gw:
+        yield gw
 
 
 @pytest.fixture
@@ -182,8 +191,9 @@ def test_killed_client_leaves_no_partial_file(gateway: GatewayThread, tmp_path: 
     assert not (root / "big.bin").exists()
 
 
-def test_client_that_never_opens_the_data_connection(tmp_path: Path) -> None:
-    settings = gateway_settings(tmp_path, timeouts={"data_connection": 0.5})
+@pytest.mark.parametrize("pump_threads", [64, 0])
+def test_client_that_never_opens_the_data_connection(tmp_path: Path, pump_threads: int) -> None:
+    settings = gateway_settings(tmp_path, timeouts={"data_connection": 0.5}, transfer={"pump_threads": pump_threads})
     with running(settings) as gateway:
         gateway.add_user("alice")
         client = FtplibClient(gateway.host, gateway.port)
@@ -217,3 +227,45 @@ def test_long_transfer_is_not_idle_but_an_idle_session_is_closed(tmp_path: Path)
             client.ftp.voidresp()
         assert str(excinfo.value).startswith("421")
         client.ftp.close()
+
+
+@pytest.mark.parametrize("pump_threads", [64, 0])
+def test_stalled_data_connection_times_out_and_leaves_nothing(tmp_path: Path, pump_threads: int) -> None:
+    settings = gateway_settings(tmp_path, timeouts={"socket": 1}, transfer={"pump_threads": pump_threads})
+    with running(settings) as gateway:
+        gateway.add_user("alice")
+        client = FtplibClient(gateway.host, gateway.port)
+        client.login("alice", "secret")
+        data_socket = client.ftp.transfercmd("STOR stalled.bin")
+        data_socket.sendall(random_bytes(100_000))
+        # ... and nothing more, without closing: the server gives up after its socket timeout.
+        with pytest.raises(ftplib.error_temp) as excinfo:
+            client.ftp.voidresp()
+        assert str(excinfo.value).startswith("426")
+        data_socket.close()
+        assert client.ftp.sendcmd("NOOP").startswith("200")
+        client.quit()
+        wait_until_settled(gateway.root_of("alice"))
+        assert not (gateway.root_of("alice") / "stalled.bin").exists()
+
+
+def test_abor_mid_download_keeps_the_session(gateway: GatewayThread) -> None:
+    gateway.add_user("alice")
+    root = gateway.root_of("alice")
+    root.mkdir(parents=True)
+    (root / "big.bin").write_bytes(random_bytes(64 * MiB))
+
+    async def scenario() -> bytes:
+        client = aioftp.Client(socket_timeout=10)
+        await client.connect(gateway.host, gateway.port)
+        await client.login("alice", "secret")
+        stream = await client.download_stream("big.bin")
+        await stream.read(100_000)
+        await client.abort()
+        stream.close()
+        async with client.download_stream("big.bin", offset=64 * MiB - 5) as tail:
+            data = await tail.read()
+        await client.quit()
+        return data
+
+    assert asyncio.run(scenario()) == (root / "big.bin").read_bytes()[-5:]

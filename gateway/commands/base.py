@@ -11,6 +11,7 @@ from typing import Any, ClassVar, TypeVar
 import aioftp
 
 from gateway.config import Settings
+from gateway.pump import TransferPump
 from gateway.users.manager import DatabaseUserManager
 
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -23,6 +24,7 @@ class CommandBase(aioftp.Server):
     NEW_COMMANDS: ClassVar[dict[str, str]] = {}
     settings: Settings
     user_manager: DatabaseUserManager
+    pump: TransferPump | None
 
 
 def quote_path(path: PurePosixPath | str) -> str:

@@ -135,6 +135,12 @@ async def open_upload(path_io: AbstractPathIO[Path], real_path: Path, mode: str,
     return file
 
 
+async def native_fd(path_io: AbstractPathIO[Path], file: AsyncPathIOContext) -> int | None:
+    if isinstance(path_io, TransactionalPathIO):
+        return await path_io.native_fd(cast(FileHandle, file.file))
+    return None
+
+
 async def closing(path_io: AbstractPathIO[Path], file: AsyncPathIOContext, worker: Awaitable[object]) -> None:
     """Run a transfer worker, then make sure its file is closed: aioftp's data-connection check answers 425
     without running the worker at all when the client never connects."""
@@ -172,12 +178,17 @@ class TransferCommands(CommandBase):
             stream = connection.data_connection
             del connection.data_connection
             async with stream, Entered(file):
-                receiver = BlockReceiver(stream, connection.block_size)
-                async for block in receiver:
-                    await file.write(block)
+                fd = await native_fd(path_io, file)
+                if fd is not None and self.pump is not None and self.pump.usable(stream, "read"):
+                    received = await self.pump.upload(stream, fd, connection.block_size, connection.socket_timeout)
+                else:
+                    receiver = BlockReceiver(stream, connection.block_size)
+                    async for block in receiver:
+                        await file.write(block)
+                    received = receiver.received
                 if control_connection_lost(connection):
                     raise DataConnectionError("control connection closed before the upload ended")
-            logger.info("stored %s (%d bytes%s)", virtual_path, receiver.received, f" at {offset}" if offset else "")
+            logger.info("stored %s (%d bytes%s)", virtual_path, received, f" at {offset}" if offset else "")
             connection.response("226", "Transfer complete.")
 
         offset = take_restart_offset(connection)
@@ -233,9 +244,13 @@ class TransferCommands(CommandBase):
             async with stream, connection.path_io.open(real_path, mode="rb") as file:
                 if offset:
                     await file.seek(offset)
-                async for block in file.iter_by_block(connection.block_size):
-                    await send(stream, block)
-                    sent += len(block)
+                fd = await native_fd(connection.path_io, file)
+                if fd is not None and self.pump is not None and self.pump.usable(stream, "write"):
+                    sent = await self.pump.download(stream, fd, offset, connection.socket_timeout)
+                else:
+                    async for block in file.iter_by_block(connection.block_size):
+                        await send(stream, block)
+                        sent += len(block)
             logger.info("sent %s (%d bytes%s)", virtual_path, sent, f" from {offset}" if offset else "")
             connection.response("226", "Transfer complete.")
 
