@@ -103,8 +103,7 @@ def start_gateway(work: Path) -> tuple[subprocess.Popen[bytes], str]:
         stdout=subprocess.PIPE,
         env=env,
     )
-    assert process.stdout is not None
-    line = process.stdout.readline().decode()
+    line = process.stdout.readline().decode() if process.stdout else ""
     if not line.startswith("listening on ftp://"):
         raise SystemExit(f"gateway did not start: {line!r}")
     port = int(line.strip().rsplit(":", 1)[1])
@@ -178,7 +177,7 @@ def main() -> int:
             results: dict[str, dict[str, list[tuple[float, float]]]] = {
                 s: {"upload": [], "download": []} for s in servers
             }
-            for name, (_, url) in servers.items():  # warm-up: page cache, first login, pool
+            for _, url in servers.values():  # warm-up: page cache, first login, pool
                 measure(url, source, size, -1)
             for run in range(args.runs):
                 order = list(servers) if run % 2 == 0 else list(reversed(servers))
