@@ -77,8 +77,12 @@ async def running_gateway(settings: Settings) -> AsyncIterator[GatewayServer]:
         engine = create_engine(settings.database)
         stack.push_async_callback(engine.dispose)
         await ensure_schema(engine)
-        logger.info("users in %s", display_url(engine.url))
-        server = GatewayServer(settings, DatabaseUserManager(UserStore(engine), settings))
+        store = UserStore(engine)
+        users = await store.count()
+        logger.info("%d users in %s", users, display_url(engine.url))
+        if not users:
+            logger.warning("no users yet: add one with 'ftp-gateway user add NAME' (same --database or config)")
+        server = GatewayServer(settings, DatabaseUserManager(store, settings))
         if server.pump is not None:
             stack.callback(server.pump.close)
         await server.start(settings.listen_host, settings.listen_port)

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
@@ -210,6 +210,10 @@ class UserStore:
         if row is None:
             raise UserNotFound(f"no user {name!r}")
         return UserInfo.from_row(row)
+
+    async def count(self) -> int:
+        async with self._sessions() as session:
+            return int((await session.execute(select(func.count()).select_from(UserRow))).scalar_one())
 
     async def list(self) -> list[UserInfo]:
         async with self._sessions() as session:

@@ -1,0 +1,39 @@
+# ftp-gateway: `make run` starts a gateway, `make test` runs every test. `make` alone lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help run test lint format bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit("ftp-gateway needs Python 3.11 or newer, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test,lint]'
+	@touch $@
+
+run: $(STAMP) ## serve FTP on 127.0.0.1:2121: users in ./ftp-gateway.db, files in ./ftp-data/<user>
+	$(BIN)/ftp-gateway serve
+
+test: $(STAMP) ## run the whole test suite (real gateway, curl, PostgreSQL on 127.0.0.1:5432)
+	PYTHONWARNINGS=always $(BIN)/pytest
+
+lint: $(STAMP) ## ruff format --check, ruff check, mypy --strict
+	$(BIN)/ruff format --check gateway pathio_backends tests bench
+	$(BIN)/ruff check gateway pathio_backends tests bench
+	$(BIN)/mypy
+
+format: $(STAMP) ## reformat and fix what ruff can
+	$(BIN)/ruff format gateway pathio_backends tests bench
+	$(BIN)/ruff check --fix gateway pathio_backends tests bench
+
+bench: $(STAMP) ## local disk: curl through the gateway vs vsftpd (if installed), 256 MiB
+	$(BIN)/python bench/local_disk.py
+
+clean: ## remove the virtualenv and caches (not ./ftp-gateway.db or ./ftp-data)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
