@@ -21,13 +21,13 @@ import logging
 import os
 import secrets
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, BinaryIO, Self, TypeVar
 from urllib.parse import unquote
 
-import aiofiles
 import aiofiles.os
+import aiofiles.threadpool
 from aioftp import AbstractPathIO, Connection
 from aioftp.common import AbstractAsyncLister
 from aioftp.pathio import universal_exception
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from gateway.config import Settings
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Entries stat'ed per worker-thread hop while listing a directory.
 LIST_BATCH = 256
@@ -335,21 +336,58 @@ class LocalPathIO(TransactionalPathIO):
         return fd, temp, target
 
     async def _begin_upload(self, path: Path, *, offset: int, append: bool) -> Upload:
-        fd, temp, target = await _run(self._prepare_upload)(path, offset, append)
-        try:
-            file = await aiofiles.open(fd, "wb")
-        except BaseException:
-            os.close(fd)
-            await aiofiles.os.remove(temp)
-            raise
-        return LocalUpload(file, temp, target, self.timeout)
+        def open_upload() -> tuple[BinaryIO, str, str]:
+            fd, temp, target = self._prepare_upload(path, offset, append)
+            try:
+                return os.fdopen(fd, "wb"), temp, target
+            except BaseException:
+                os.close(fd)
+                os.unlink(temp)
+                raise
+
+        def release(opened: tuple[BinaryIO, str, str]) -> None:
+            opened[0].close()
+            _unlink_quietly(opened[1])
+
+        file, temp, target = await _open_in_thread(open_upload, release)
+        return LocalUpload(aiofiles.threadpool.wrap(file), temp, target, self.timeout)
 
     async def _begin_download(self, path: Path, *, offset: int) -> Download:
-        real = await _run(self._jail.resolve)(path)
-        file = await aiofiles.open(real, "rb", opener=_nofollow_opener)
-        if offset:
-            await file.seek(offset)
-        return LocalDownload(file)
+        def open_download() -> BinaryIO:
+            file = open(self._jail.resolve(path), "rb", opener=_nofollow_opener)
+            try:
+                file.seek(offset)
+            except BaseException:
+                file.close()
+                raise
+            return file
+
+        file = await _open_in_thread(open_download, lambda file: file.close())
+        return LocalDownload(aiofiles.threadpool.wrap(file))
+
+
+async def _open_in_thread(open_: Callable[[], T], release: Callable[[T], None]) -> T:
+    """Run an opening call in a worker thread. When the caller is cancelled meanwhile (ABOR, ``path_timeout``),
+    the thread goes on; what it opens is then released as soon as it returns, instead of leaking."""
+    loop = asyncio.get_running_loop()
+    future = loop.run_in_executor(None, open_)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+
+        def late(done: asyncio.Future[T]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                loop.run_in_executor(None, release, done.result())
+
+        future.add_done_callback(late)
+        raise
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class _Lister(AbstractAsyncLister[Path]):
