@@ -11,11 +11,13 @@ import io
 import re
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 from urllib.parse import quote
 
 import aioftp
+import pytest
 
 from tests.helpers import require_binary
 
@@ -118,6 +120,20 @@ class FtplibClient:
 
     def quit(self) -> None:
         self.ftp.quit()
+
+
+def ftp_login(host: str, port: int, name: str, password: str = "secret", *, passive: bool = True) -> FtplibClient:
+    client = FtplibClient(host, port, passive=passive)
+    client.login(name, password)
+    return client
+
+
+def assert_refused(code: str, *attempts: Callable[[], object]) -> None:
+    """Each attempt fails with an FTP error reply ``code``."""
+    for attempt in attempts:
+        with pytest.raises(ftplib.Error) as excinfo:
+            attempt()
+        assert str(excinfo.value)[:3] == code, excinfo.value
 
 
 class AioftpClient:

@@ -9,14 +9,12 @@ import argon2
 import pytest
 
 from gateway.users.store import UserChanges
-from tests.clients import FtplibClient
+from tests.clients import FtplibClient, ftp_login
 from tests.helpers import GatewayThread
 
 
 def login(gateway: GatewayThread, name: str, password: str) -> FtplibClient:
-    client = FtplibClient(gateway.host, gateway.port)
-    client.login(name, password)
-    return client
+    return ftp_login(gateway.host, gateway.port, name, password)
 
 
 def refused(gateway: GatewayThread, name: str, password: str) -> str:

@@ -9,6 +9,7 @@ from pathlib import PurePosixPath
 from typing import Any, ClassVar, TypeVar
 
 import aioftp
+from aioftp.common import ThrottleStreamIO
 
 from gateway.config import Settings
 from gateway.pump import TransferPump
@@ -53,6 +54,13 @@ def get(connection: aioftp.Connection, name: str, default: Any = None) -> Any:
     """A value set on the connection, or ``default``: aioftp's ``Connection`` raises for unset names."""
     future = connection.get(name)
     return future.result() if future is not None and future.done() else default
+
+
+def take_data_connection(connection: aioftp.Connection) -> ThrottleStreamIO:
+    """The data connection of this transfer; the next transfer command waits for a new one."""
+    stream: ThrottleStreamIO = connection.data_connection
+    del connection.data_connection
+    return stream
 
 
 def start_worker(connection: aioftp.Connection, worker: Awaitable[Any]) -> None:

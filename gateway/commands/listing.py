@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 import aioftp
 from aioftp.common import END_OF_LINE
 
-from gateway.commands.base import CommandBase, checks, get, ls_time, mlsx_time, start_worker
+from gateway.commands.base import CommandBase, checks, get, ls_time, mlsx_time, start_worker, take_data_connection
 from gateway.commands.session import MLST_FACTS
 from gateway.commands.transfer import DATA_CONNECTION, send
 from gateway.errors import transfer_errors
@@ -94,8 +94,7 @@ class ListingCommands(CommandBase):
         @aioftp.server.worker
         @transfer_errors
         async def listing_worker(self: ListingCommands, connection: aioftp.Connection, rest: str) -> None:
-            stream = connection.data_connection
-            del connection.data_connection
+            stream = take_data_connection(connection)
             async with stream:
                 async for line in make_lines(real_path):
                     await send(stream, (line + END_OF_LINE).encode(self.encoding))

@@ -21,7 +21,7 @@ from aioftp import AbstractPathIO
 from aioftp.common import ThrottleStreamIO
 from aioftp.pathio import AsyncPathIOContext
 
-from gateway.commands.base import CommandBase, checks, get, start_worker
+from gateway.commands.base import CommandBase, checks, get, start_worker, take_data_connection
 from gateway.errors import DataConnectionError, RestartOffsetError, transfer_errors
 from pathio_backends.base import Entered, FileHandle, TransactionalPathIO, run_to_completion
 
@@ -175,8 +175,7 @@ class TransferCommands(CommandBase):
         @aioftp.server.worker
         @transfer_errors
         async def stor_worker(self: TransferCommands, connection: aioftp.Connection, rest: str) -> None:
-            stream = connection.data_connection
-            del connection.data_connection
+            stream = take_data_connection(connection)
             async with stream, Entered(file):
                 fd = await native_fd(path_io, file)
                 if fd is not None and self.pump is not None and self.pump.usable(stream, "read"):
@@ -238,8 +237,7 @@ class TransferCommands(CommandBase):
         @aioftp.server.worker
         @transfer_errors
         async def retr_worker(self: TransferCommands, connection: aioftp.Connection, rest: str) -> None:
-            stream = connection.data_connection
-            del connection.data_connection
+            stream = take_data_connection(connection)
             sent = 0
             async with stream, connection.path_io.open(real_path, mode="rb") as file:
                 if offset:
