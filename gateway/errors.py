@@ -48,6 +48,13 @@ _BY_ERRNO: dict[int, tuple[str, str]] = {
     errno.EFBIG: ("452", "File too large."),
     errno.EMSGSIZE: ("452", "File too large."),
     errno.EROFS: ("550", "Storage is read-only."),
+    errno.ENXIO: ("451", "Storage unavailable; try again later."),
+    errno.ECONNREFUSED: ("451", "Storage unavailable; try again later."),
+    errno.EHOSTUNREACH: ("451", "Storage unavailable; try again later."),
+    errno.ENETUNREACH: ("451", "Storage unavailable; try again later."),
+    errno.EBUSY: ("451", "Storage busy; try again later."),
+    errno.EAGAIN: ("451", "File changed during the operation; try again."),
+    errno.EIO: ("451", "Storage error; try again later."),
 }
 _BY_TYPE: tuple[tuple[type[BaseException], str, str], ...] = (
     (FileNotFoundError, "550", "No such file or directory."),

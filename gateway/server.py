@@ -20,6 +20,7 @@ from gateway.pump import TransferPump
 from gateway.users.db import create_engine, display_url, ensure_schema
 from gateway.users.manager import DatabaseUserManager
 from gateway.users.store import UserStore
+from pathio_backends import BackendResources
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,9 @@ async def running_gateway(settings: Settings) -> AsyncIterator[GatewayServer]:
         logger.info("%d users in %s", users, display_url(engine.url))
         if not users:
             logger.warning("no users yet: add one with 'ftp-gateway user add NAME' (same --database or config)")
-        server = GatewayServer(settings, DatabaseUserManager(store, settings))
+        resources = BackendResources()
+        stack.push_async_callback(resources.aclose)
+        server = GatewayServer(settings, DatabaseUserManager(store, settings, resources))
         if server.pump is not None:
             stack.callback(server.pump.close)
         await server.start(settings.listen_host, settings.listen_port)

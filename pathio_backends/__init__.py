@@ -6,20 +6,48 @@ local disk never imports an S3 client.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pathio_backends.base import StorageFactory
 
 if TYPE_CHECKING:
     from gateway.config import Settings
 
-__all__ = ["StorageFactory", "check_uri", "path_io_factory", "SCHEMES"]
+__all__ = ["BackendResources", "StorageFactory", "check_uri", "path_io_factory", "SCHEMES"]
+T = TypeVar("T")
 
 # scheme -> (module, factory class, pip extra that provides its dependencies)
 SCHEMES: dict[str, tuple[str, str, str | None]] = {
     "file": ("pathio_backends.local", "LocalStorage", None),
+    "s3": ("pathio_backends.s3", "S3Storage", None),
 }
+
+
+class BackendResources:
+    """What the backends of one server share (the S3 client and its connection pool): made on first use,
+    closed with the server. One per server, never module-level, so two servers in a process share nothing."""
+
+    def __init__(self) -> None:
+        self._stack = AsyncExitStack()
+        self._made: dict[str, Any] = {}
+        self._lock = asyncio.Lock()
+
+    async def get(self, name: str, make: Callable[[AsyncExitStack], Awaitable[T]]) -> T:
+        """The resource ``name``, made once by ``make`` (which registers its cleanup on the stack it is given)."""
+        if name not in self._made:
+            async with self._lock:
+                if name not in self._made:
+                    self._made[name] = await make(self._stack)
+        value: T = self._made[name]
+        return value
+
+    async def aclose(self) -> None:
+        self._made.clear()
+        await self._stack.aclose()
 
 
 def _split(uri: str) -> tuple[str, str]:
@@ -51,11 +79,13 @@ def check_uri(uri: str) -> None:
     _factory_class(scheme).check(rest)
 
 
-def path_io_factory(uri: str, settings: Settings) -> StorageFactory:
-    """Turn a storage URI (``file:///srv/ftp/alice``) and the server's settings into aioftp's path-io factory.
+def path_io_factory(uri: str, settings: Settings, resources: BackendResources) -> StorageFactory:
+    """Turn a storage URI (``file:///srv/ftp/alice``, ``s3://bucket/prefix``) and the server's settings into
+    aioftp's path-io factory.
 
     The result is called as aioftp calls ``path_io_factory`` (``factory(timeout=..., connection=...)``) once
-    per session, and its ``base_path`` is what aioftp joins virtual paths onto.
+    per session, and its ``base_path`` is what aioftp joins virtual paths onto. ``resources`` holds what the
+    server's backends share.
     """
     scheme, rest = _split(uri)
-    return _factory_class(scheme).from_uri(uri, rest, settings)
+    return _factory_class(scheme).from_uri(uri, rest, settings, resources)

@@ -25,6 +25,7 @@ from aioftp.pathio import AsyncPathIOContext, universal_exception
 
 if TYPE_CHECKING:
     from gateway.config import Settings
+    from pathio_backends import BackendResources
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -300,7 +301,7 @@ class StorageFactory(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def from_uri(cls, uri: str, rest: str, settings: Settings) -> Self: ...
+    def from_uri(cls, uri: str, rest: str, settings: Settings, resources: BackendResources) -> Self: ...
 
     @abc.abstractmethod
     def __call__(

@@ -45,6 +45,7 @@ from pathio_backends.base import (
 
 if TYPE_CHECKING:
     from gateway.config import Settings
+    from pathio_backends import BackendResources
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -467,7 +468,7 @@ class LocalStorage(StorageFactory):
             raise ValueError("file:// path contains a NUL byte")
 
     @classmethod
-    def from_uri(cls, uri: str, rest: str, settings: Settings) -> Self:
+    def from_uri(cls, uri: str, rest: str, settings: Settings, resources: BackendResources) -> Self:
         cls.check(rest)
         return cls(uri, Path(os.path.abspath(unquote(rest))), settings)
 

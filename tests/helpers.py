@@ -57,12 +57,22 @@ def free_passive_range(width: int = 50) -> tuple[int, int]:
     return low, low + width - 1
 
 
-def gateway_settings(tmp_path: Path, database_url: str | None = None, **overrides: Any) -> Settings:
+S3_BUCKET = "ftp-gateway-test"
+S3_CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing", "region": "us-east-1"}
+
+
+def gateway_settings(
+    tmp_path: Path, database_url: str | None = None, *, s3_endpoint: str | None = None, **overrides: Any
+) -> Settings:
+    """Settings for a test gateway: files under tmp_path/data/<user>, or in the test bucket when given the
+    endpoint of a moto server."""
     low, high = free_passive_range()
+    storage = f"s3://{S3_BUCKET}/users/{{username}}" if s3_endpoint else f"file://{tmp_path / 'data'}/{{username}}"
     values: dict[str, Any] = {
         "listen": "127.0.0.1:0",
         "database": {"url": database_url or f"sqlite:///{tmp_path / 'users.db'}"},
-        "storage": {"default_uri": f"file://{tmp_path / 'data'}/{{username}}"},
+        "storage": {"default_uri": storage},
+        "s3": {"endpoint_url": s3_endpoint, **S3_CREDENTIALS} if s3_endpoint else {},
         "passive": {"port_min": low, "port_max": high},
         "limits": {"failed_login_delay": 0},
         "timeouts": {"data_connection": 10, "socket": 10},
@@ -75,11 +85,87 @@ def gateway_settings(tmp_path: Path, database_url: str | None = None, **override
     return load_settings(None, values)
 
 
+class LocalFiles:
+    """What a local-disk gateway stored, looked at on the disk."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.template = settings.storage.default_uri.removeprefix("file://")
+
+    def root(self, user: str) -> Path:
+        return Path(self.template.replace("{username}", user))
+
+    def files(self, user: str) -> dict[str, bytes]:
+        root = self.root(user)
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    def put(self, user: str, relative: str, data: bytes) -> None:
+        path = self.root(user) / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    def makedirs(self, user: str, relative: str) -> None:
+        (self.root(user) / relative).mkdir(parents=True, exist_ok=True)
+
+    def pending_uploads(self, user: str) -> list[str]:
+        from pathio_backends.base import RESERVED_PREFIX
+
+        return sorted(p.name for p in self.root(user).rglob("*") if p.name.startswith(RESERVED_PREFIX))
+
+    def close(self) -> None:
+        pass
+
+
+class S3Files:
+    """What an S3 gateway stored, looked at with boto3 over HTTP in the test bucket."""
+
+    def __init__(self, settings: Settings) -> None:
+        import boto3
+
+        self.template = settings.storage.default_uri.removeprefix(f"s3://{S3_BUCKET}/")
+        secret = settings.s3.secret_access_key
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=settings.s3.endpoint_url,
+            aws_access_key_id=settings.s3.access_key_id,
+            aws_secret_access_key=secret.get_secret_value() if secret else None,
+            region_name=settings.s3.region,
+        )
+
+    def prefix(self, user: str) -> str:
+        return self.template.replace("{username}", user) + "/"
+
+    def files(self, user: str) -> dict[str, bytes]:
+        prefix = self.prefix(user)
+        found = {}
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET, Prefix=prefix):
+            for item in page.get("Contents", []):
+                if not item["Key"].endswith("/"):
+                    body = self.client.get_object(Bucket=S3_BUCKET, Key=item["Key"])["Body"]
+                    found[item["Key"][len(prefix) :]] = body.read()
+                    body.close()
+        return found
+
+    def put(self, user: str, relative: str, data: bytes) -> None:
+        self.client.put_object(Bucket=S3_BUCKET, Key=self.prefix(user) + relative, Body=data)
+
+    def makedirs(self, user: str, relative: str) -> None:
+        self.client.put_object(Bucket=S3_BUCKET, Key=self.prefix(user) + relative.strip("/") + "/", Body=b"")
+
+    def pending_uploads(self, user: str) -> list[str]:
+        response = self.client.list_multipart_uploads(Bucket=S3_BUCKET, Prefix=self.prefix(user))
+        return sorted(upload["Key"] for upload in response.get("Uploads", []))
+
+    def close(self) -> None:
+        self.client.close()
+
+
 class GatewayThread:
     """A gateway started with :func:`running_gateway` on its own event loop, as a separate process would be."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.backend = "s3" if settings.storage.default_uri.startswith("s3://") else "local"
+        self.files: LocalFiles | S3Files = S3Files(settings) if self.backend == "s3" else LocalFiles(settings)
         self.server: GatewayServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -109,6 +195,7 @@ class GatewayThread:
         return self
 
     def stop(self) -> None:
+        self.files.close()
         if self._loop is not None and self._stop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(30)
@@ -142,8 +229,15 @@ class GatewayThread:
         return self.call(lambda: store.add(name, password_hash, **options))
 
     def root_of(self, name: str) -> Path:
-        uri = self.settings.storage.default_uri.replace("{username}", name)
-        return Path(uri.removeprefix("file://"))
+        assert isinstance(self.files, LocalFiles), "a local-disk gateway"
+        return self.files.root(name)
+
+    def wait_for_no_pending_uploads(self, name: str, timeout: float = 10) -> None:
+        """An aborted upload is cleaned up just after the client got its error reply; wait for that."""
+        deadline = time.monotonic() + timeout
+        while pending := self.files.pending_uploads(name):
+            assert time.monotonic() < deadline, f"uploads left behind: {pending}"
+            time.sleep(0.02)
 
     def sessions_of(self, name: str) -> int:
         assert self.server is not None
@@ -170,6 +264,32 @@ def running(settings: Settings) -> Iterator[GatewayThread]:
         yield gateway
     finally:
         gateway.stop()
+
+
+# -- S3 (moto over HTTP) ------------------------------------------------------------------------------------
+
+
+def reset_moto(endpoint: str) -> None:
+    import urllib.request
+
+    with urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10):
+        pass
+
+
+def create_test_bucket(endpoint: str) -> None:
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    try:
+        client.create_bucket(Bucket=S3_BUCKET)
+    finally:
+        client.close()
 
 
 # -- PostgreSQL --------------------------------------------------------------------------------------------

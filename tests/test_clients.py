@@ -15,6 +15,11 @@ FILES = {
 }
 
 
+@pytest.fixture
+def gateway(backend_gateway: GatewayThread) -> GatewayThread:
+    return backend_gateway
+
+
 @pytest.fixture(params=sorted(CLIENTS))
 def client(request: pytest.FixtureRequest, gateway: GatewayThread) -> FtpClient:
     gateway.add_user("alice", "s3cret pass")
@@ -38,9 +43,9 @@ def test_session_round_trip(client: FtpClient, gateway: GatewayThread) -> None:
     assert client.mlsd() == expected
     for name, data in FILES.items():
         assert sha256(client.retr(name)) == sha256(data), name
-    # What landed on disk is exactly what was sent.
-    on_disk = gateway.root_of("alice") / DIRECTORY
-    assert {p.name: sha256(p.read_bytes()) for p in on_disk.iterdir()} == {n: sha256(d) for n, d in FILES.items()}
+    # What landed in the storage is exactly what was sent.
+    stored = {name: sha256(data) for name, data in gateway.files.files("alice").items()}
+    assert stored == {f"{DIRECTORY}/{n}": sha256(d) for n, d in FILES.items()}
 
     client.rename("one byte.bin", "renamed ✓.bin")
     listing = client.list()

@@ -24,7 +24,7 @@ from gateway.users.db import describe_error
 from gateway.users.models import UserRow
 from gateway.users.passwords import Passwords
 from gateway.users.store import UserStore
-from pathio_backends import StorageFactory, path_io_factory
+from pathio_backends import BackendResources, StorageFactory, path_io_factory
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +73,17 @@ class LoginOutcome:
 
 
 class DatabaseUserManager(aioftp.AbstractUserManager):
-    def __init__(self, store: UserStore, settings: Settings, passwords: Passwords | None = None) -> None:
+    def __init__(
+        self,
+        store: UserStore,
+        settings: Settings,
+        resources: BackendResources,
+        passwords: Passwords | None = None,
+    ) -> None:
         super().__init__(timeout=settings.database.timeout)
         self.store = store
         self.settings = settings
+        self.resources = resources
         self.passwords = passwords or Passwords()
         self._active: dict[str, GatewayUser] = {}
         self._sessions: dict[str, int] = {}
@@ -123,7 +130,8 @@ class DatabaseUserManager(aioftp.AbstractUserManager):
             return cached
         default = self.settings.storage.default_uri
         uri = row.storage_uri or default.replace("{username}", row.name)
-        return GatewayUser(row, path_io_factory(uri, self.settings), create_root=row.storage_uri is None)
+        storage = path_io_factory(uri, self.settings, self.resources)
+        return GatewayUser(row, storage, create_root=row.storage_uri is None)
 
     def acquire(self, user: GatewayUser) -> bool:
         """Take one of the user's session slots; False when ``max_sessions`` are already in use."""

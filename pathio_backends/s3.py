@@ -1,0 +1,711 @@
+"""S3 backend on aiobotocore: ``s3://bucket/prefix`` seen as a directory tree.
+
+Directories over flat keys: a directory exists where a zero-byte marker ``dir/`` exists or any key starts
+with ``dir/``; the user's root always exists. MKD writes the marker and RMD removes it (only from an empty
+directory). Listings use ListObjectsV2 with ``Delimiter='/'`` page by page, and the per-entry ``stat`` that
+aioftp makes is answered from the page, so listing N entries sends N/1000 requests, not N.
+
+Uploads: nothing is visible until the upload commits. Small files go up as one PutObject at commit; larger
+ones as a multipart upload whose parts are sent while the next one is received (``s3.parts_in_flight`` at
+once, so memory stays within part size x (parts in flight + 1)); CompleteMultipartUpload publishes the
+object, and anything else aborts the multipart upload. APPE and REST+STOR keep the old bytes up to the
+offset with UploadPartCopy (or a re-upload of a head under 5 MiB, S3's minimum part size).
+
+One aiobotocore client (one connection pool) serves every session of the server; it is made on first use
+and closed with the server (``pathio_backends.BackendResources``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import re
+import stat
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self, TypeVar
+from urllib.parse import unquote
+
+import aiohttp
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from aioftp import AbstractPathIO, Connection
+from aioftp.common import AbstractAsyncLister
+from aioftp.pathio import universal_exception
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
+
+from pathio_backends.base import (
+    Download,
+    StorageFactory,
+    TransactionalPathIO,
+    Upload,
+    check_name,
+    run_to_completion,
+    with_timeout,
+)
+
+if TYPE_CHECKING:
+    from gateway.config import S3Settings, Settings
+    from pathio_backends import BackendResources
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MiB = 1024 * 1024
+MIN_PART = 5 * MiB
+MAX_PART = 5 * 1024 * MiB
+MAX_PARTS = 10_000
+# The part size doubles every this many parts, so 10,000 parts hold S3's largest object (5 TiB) even from
+# the smallest part size: 5 MiB x 950 x (1 + 2 + ... + 512) + 5 GiB x 500 > 5 TiB.
+PART_GROWTH_EVERY = 950
+MAX_KEY_BYTES = 1024
+BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]")
+
+DIR_MODE = stat.S_IFDIR | 0o755
+FILE_MODE = stat.S_IFREG | 0o644
+
+# S3 error code (or HTTP status) -> (exception type, errno). Everything else is EIO.
+ERROR_CODES: dict[str, tuple[type[OSError], int]] = {
+    "NoSuchKey": (FileNotFoundError, errno.ENOENT),
+    "NotFound": (FileNotFoundError, errno.ENOENT),
+    "404": (FileNotFoundError, errno.ENOENT),
+    "NoSuchBucket": (OSError, errno.ENXIO),
+    "AccessDenied": (PermissionError, errno.EACCES),
+    "AllAccessDisabled": (PermissionError, errno.EACCES),
+    "InvalidAccessKeyId": (PermissionError, errno.EACCES),
+    "SignatureDoesNotMatch": (PermissionError, errno.EACCES),
+    "AccountProblem": (PermissionError, errno.EACCES),
+    "403": (PermissionError, errno.EACCES),
+    "SlowDown": (OSError, errno.EBUSY),
+    "ServiceUnavailable": (OSError, errno.EBUSY),
+    "503": (OSError, errno.EBUSY),
+    "RequestTimeout": (TimeoutError, errno.ETIMEDOUT),
+    "EntityTooLarge": (OSError, errno.EFBIG),
+    "KeyTooLongError": (OSError, errno.ENAMETOOLONG),
+    "InvalidRange": (OSError, errno.EINVAL),
+    "QuotaExceeded": (OSError, errno.EDQUOT),
+    "XMinioStorageFull": (OSError, errno.ENOSPC),
+    "PreconditionFailed": (OSError, errno.EAGAIN),
+}
+
+
+def translate(exc: BaseException, operation: str, key: str | None) -> OSError:
+    """A builtin OSError for an aiobotocore failure, as aioftp's handlers expect from a backend."""
+    where = f"{operation} {key}" if key else operation
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        kind, number = ERROR_CODES.get(code) or ERROR_CODES.get(status) or (OSError, errno.EIO)
+        logger.warning("S3 %s failed: %s (HTTP %s) %s", where, code or "-", status or "-", error.get("Message", ""))
+        return kind(number, f"S3 {code or status}", key)
+    if isinstance(exc, EndpointConnectionError):
+        logger.warning("S3 %s failed: endpoint unreachable: %s", where, exc)
+        return OSError(errno.ECONNREFUSED, "S3 endpoint unreachable", key)
+    if isinstance(exc, ConnectTimeoutError | ReadTimeoutError | asyncio.TimeoutError):
+        logger.warning("S3 %s failed: timed out: %s", where, exc)
+        return TimeoutError(errno.ETIMEDOUT, "S3 timed out", key)
+    if isinstance(exc, NoCredentialsError):
+        logger.warning("S3 %s failed: no credentials", where)
+        return PermissionError(errno.EACCES, "no S3 credentials", key)
+    logger.warning("S3 %s failed: %r", where, exc)
+    return OSError(errno.EIO, f"S3 {type(exc).__name__}", key)
+
+
+# ListObjectsV2 "Contents" entries (named here: in S3PathIO, "list" is the method).
+Keys = list[dict[str, Any]]
+S3_ERRORS = (ClientError, BotoCoreError, aiohttp.ClientError, asyncio.TimeoutError)
+
+
+def part_size_for(base: int, number: int) -> int:
+    return min(MAX_PART, base << ((number - 1) // PART_GROWTH_EVERY))
+
+
+def dir_stat() -> os.stat_result:
+    return os.stat_result((DIR_MODE, 0, 0, 2, 0, 0, 0, 0, 0, 0))
+
+
+def file_stat(size: int, modified: Any) -> os.stat_result:
+    mtime = modified.timestamp() if modified is not None else 0
+    return os.stat_result((FILE_MODE, 0, 0, 1, 0, 0, size, mtime, mtime, mtime))
+
+
+def first_error(exc: BaseException) -> BaseException:
+    """The first OSError inside an ExceptionGroup from a TaskGroup (the style of aioftp's backends)."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = next((e for e in exc.exceptions if isinstance(e, OSError)), exc.exceptions[0])
+    return exc
+
+
+class S3Context:
+    """One bucket and prefix, and how to talk to S3 about them."""
+
+    def __init__(self, settings: S3Settings, resources: BackendResources, bucket: str, prefix: str) -> None:
+        self.settings = settings
+        self.resources = resources
+        self.bucket = bucket
+        self.prefix = prefix
+        self.write_args: dict[str, str] = {}
+        if settings.server_side_encryption:
+            self.write_args["ServerSideEncryption"] = settings.server_side_encryption
+        if settings.kms_key_id:
+            self.write_args["SSEKMSKeyId"] = settings.kms_key_id
+        if settings.storage_class:
+            self.write_args["StorageClass"] = settings.storage_class
+
+    async def client(self) -> Any:
+        return await self.resources.get("s3", self._make_client)
+
+    async def _make_client(self, stack: AsyncExitStack) -> Any:
+        s = self.settings
+        session = get_session()
+        if s.profile:
+            session.set_config_variable("profile", s.profile)
+        config = AioConfig(
+            region_name=s.region,
+            s3={"addressing_style": s.addressing_style, "payload_signing_enabled": s.payload_signing},
+            connect_timeout=s.connect_timeout,
+            read_timeout=s.read_timeout,
+            retries={"max_attempts": s.max_attempts, "mode": "standard"},
+            max_pool_connections=s.max_pool_connections,
+            # Checksums only where S3 requires them: other S3-compatible stores reject the newer defaults.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            warm_up_loader_caches=True,
+        )
+        return await stack.enter_async_context(
+            session.create_client(
+                "s3",
+                endpoint_url=s.endpoint_url,
+                aws_access_key_id=s.access_key_id,
+                aws_secret_access_key=s.secret_access_key.get_secret_value() if s.secret_access_key else None,
+                aws_session_token=s.session_token.get_secret_value() if s.session_token else None,
+                config=config,
+            )
+        )
+
+    async def call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
+        client = await self.client()
+        try:
+            response: dict[str, Any] = await getattr(client, operation)(Bucket=self.bucket, **kwargs)
+        except S3_ERRORS as exc:
+            raise translate(exc, operation, kwargs.get("Key") or kwargs.get("Prefix")) from exc
+        return response
+
+
+class S3Upload(Upload):
+    def __init__(self, ctx: S3Context, key: str) -> None:
+        self.ctx = ctx
+        self.key = key
+        self.buffer = bytearray()
+        self.upload_id: str | None = None
+        self.next_part = 1
+        self.parts: list[dict[str, Any]] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.slots = asyncio.Semaphore(ctx.settings.parts_in_flight)
+        self.failure: BaseException | None = None
+        self.done = False
+
+    # -- parts -----------------------------------------------------------------------------------------
+
+    def _raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    async def _ensure_multipart(self) -> str:
+        if self.upload_id is None:
+            # Shielded: if this is cancelled while S3 creates the upload, its id must still be known to abort it.
+            response = await run_to_completion(
+                self.ctx.call("create_multipart_upload", Key=self.key, **self.ctx.write_args)
+            )
+            self.upload_id = str(response["UploadId"])
+        return self.upload_id
+
+    async def _schedule(self, make: Callable[[int, str], Awaitable[dict[str, Any]]]) -> None:
+        """Run one part in the background once a slot is free (this wait is the back-pressure)."""
+        upload_id = await self._ensure_multipart()
+        await self.slots.acquire()
+        if self.failure is not None:
+            self.slots.release()
+            raise self.failure
+        number = self.next_part
+        if number > MAX_PARTS:
+            self.slots.release()
+            raise OSError(errno.EFBIG, "upload exceeds S3's 10,000 parts", self.key)
+        self.next_part += 1
+
+        async def run() -> None:
+            response = await make(number, upload_id)
+            etag = response.get("ETag") or response.get("CopyPartResult", {}).get("ETag")
+            self.parts.append({"PartNumber": number, "ETag": etag})
+
+        task = asyncio.create_task(run())
+        self.tasks.add(task)
+        task.add_done_callback(self._part_done)
+
+    def _part_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        self.slots.release()
+        if not task.cancelled() and task.exception() is not None and self.failure is None:
+            self.failure = task.exception()
+
+    async def _send_buffered(self, size: int) -> None:
+        body = bytes(self.buffer[:size])
+        del self.buffer[:size]
+
+        def upload_part(number: int, upload_id: str) -> Awaitable[dict[str, Any]]:
+            return self.ctx.call("upload_part", Key=self.key, UploadId=upload_id, PartNumber=number, Body=body)
+
+        await self._schedule(upload_part)
+
+    async def copy_head(self, source_key: str, length: int, etag: str) -> None:
+        """The first ``length`` bytes of ``source_key`` (still at ``etag``) as the first parts, copied by S3."""
+        count = -(-length // MAX_PART)
+        step = -(-length // count)
+        for start in range(0, length, step):
+            end = min(length, start + step) - 1
+
+            def copy_part(number: int, upload_id: str, start: int = start, end: int = end) -> Awaitable[dict[str, Any]]:
+                return self.ctx.call(
+                    "upload_part_copy",
+                    Key=self.key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    CopySource={"Bucket": self.ctx.bucket, "Key": source_key},
+                    CopySourceRange=f"bytes={start}-{end}",
+                    CopySourceIfMatch=etag,
+                )
+
+            await self._schedule(copy_part)
+
+    # -- Upload --------------------------------------------------------------------------------------------
+
+    def _part_size(self) -> int:
+        return part_size_for(self.ctx.settings.part_size, self.next_part)
+
+    async def write(self, data: bytes) -> None:
+        self._raise_failure()
+        self.buffer += data
+        while len(self.buffer) >= self._part_size():
+            await self._send_buffered(self._part_size())
+
+    async def commit(self) -> None:
+        self._raise_failure()
+        if self.upload_id is None:
+            await self.ctx.call("put_object", Key=self.key, Body=bytes(self.buffer), **self.ctx.write_args)
+            self.done = True
+            return
+        if self.buffer or not (self.parts or self.tasks):
+            await self._send_buffered(len(self.buffer))
+        if self.tasks:
+            await asyncio.wait(set(self.tasks))
+        self._raise_failure()
+        parts = sorted(self.parts, key=lambda part: part["PartNumber"])
+        await self.ctx.call(
+            "complete_multipart_upload",
+            Key=self.key,
+            UploadId=self.upload_id,
+            MultipartUpload={"Parts": parts},
+        )
+        self.done = True
+
+    async def abort(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(set(self.tasks))
+        self.buffer.clear()
+        if self.upload_id is None or self.done:
+            return
+        try:
+            async with asyncio.timeout(self.ctx.settings.read_timeout):
+                await self.ctx.call("abort_multipart_upload", Key=self.key, UploadId=self.upload_id)
+        except (OSError, TimeoutError) as exc:
+            # The parts stay stored (and billed) until a lifecycle rule removes incomplete uploads.
+            logger.error("could not abort multipart upload %s of %s: %r", self.upload_id, self.key, exc)
+
+
+class S3Download(Download):
+    def __init__(self, body: Any, key: str) -> None:
+        self.body = body
+        self.key = key
+
+    async def read(self, size: int) -> bytes:
+        if self.body is None:
+            return b""
+        try:
+            data: bytes = await self.body.read(size if size > 0 else None)
+        except S3_ERRORS as exc:
+            raise translate(exc, "GetObject body", self.key) from exc
+        return data
+
+    async def close(self) -> None:
+        if self.body is not None:
+            # Closes the connection rather than returning it to the pool with an unread body (ABOR).
+            self.body.close()
+            self.body = None
+
+
+class S3PathIO(TransactionalPathIO):
+    def __init__(
+        self,
+        timeout: float | int | None = None,
+        connection: Connection | None = None,
+        state: Any = None,
+        *,
+        ctx: S3Context,
+        base: Path,
+    ) -> None:
+        super().__init__(timeout=timeout, connection=connection, state=state)
+        self.ctx = ctx
+        self.base = base
+
+    # -- keys ------------------------------------------------------------------------------------------
+
+    def _key(self, path: Path) -> str:
+        """``/s3:bucket/prefix/a/b`` -> ``prefix/a/b``; the root is the prefix itself (without its slash)."""
+        check_name(path)
+        try:
+            relative = path.relative_to(self.base)
+        except ValueError:
+            raise PermissionError(errno.EACCES, "path outside the user's root", str(path)) from None
+        key = self.ctx.prefix + "/".join(relative.parts)
+        if len(key.encode()) + 1 > MAX_KEY_BYTES:
+            raise OSError(errno.ENAMETOOLONG, "S3 keys are at most 1024 bytes", str(path))
+        return key
+
+    def _is_root(self, path: Path) -> bool:
+        return path == self.base
+
+    def _dir_prefix(self, path: Path) -> str:
+        return self.ctx.prefix if self._is_root(path) else self._key(path) + "/"
+
+    # -- queries ---------------------------------------------------------------------------------------
+
+    async def _head(self, key: str) -> dict[str, Any] | None:
+        try:
+            return await self.ctx.call("head_object", Key=key)
+        except FileNotFoundError:
+            return None
+
+    async def _has_keys_under(self, prefix: str) -> bool:
+        response = await self.ctx.call("list_objects_v2", Prefix=prefix, MaxKeys=1)
+        return bool(response.get("KeyCount"))
+
+    async def _file_stat(self, path: Path) -> os.stat_result | None:
+        if self._is_root(path):
+            return None
+        head = await self._head(self._key(path))
+        return file_stat(head["ContentLength"], head.get("LastModified")) if head is not None else None
+
+    async def _is_dir(self, path: Path) -> bool:
+        return self._is_root(path) or await self._has_keys_under(self._dir_prefix(path))
+
+    async def _probe(self, path: Path) -> os.stat_result | None:
+        """A file's stat, or a directory's, or None; a name that is both (written by others) counts as a file."""
+        cached = self._listed_stat(path)
+        if cached is not None:
+            return cached
+        if self._is_root(path):
+            return dir_stat()
+        try:
+            async with asyncio.TaskGroup() as group:
+                file = group.create_task(self._file_stat(path))
+                directory = group.create_task(self._has_keys_under(self._dir_prefix(path)))
+        except BaseExceptionGroup as exc:
+            raise first_error(exc) from None
+        return file.result() or (dir_stat() if directory.result() else None)
+
+    @universal_exception
+    @with_timeout
+    async def exists(self, path: Path) -> bool:
+        return await self._probe(path) is not None
+
+    @universal_exception
+    @with_timeout
+    async def is_dir(self, path: Path) -> bool:
+        cached = self._listed_stat(path)
+        if cached is not None:
+            return stat.S_ISDIR(cached.st_mode)
+        return await self._is_dir(path)
+
+    @universal_exception
+    @with_timeout
+    async def is_file(self, path: Path) -> bool:
+        cached = self._listed_stat(path)
+        if cached is not None:
+            return stat.S_ISREG(cached.st_mode)
+        return await self._file_stat(path) is not None
+
+    @universal_exception
+    @with_timeout
+    async def stat(self, path: Path) -> os.stat_result:
+        result = await self._probe(path)
+        if result is None:
+            raise FileNotFoundError(errno.ENOENT, "no such file or directory", str(path))
+        return result
+
+    def list(self, path: Path) -> AsyncIterator[Path]:
+        return _S3Lister(self, path, timeout=self.timeout)
+
+    # -- changes ---------------------------------------------------------------------------------------
+
+    @universal_exception
+    @with_timeout
+    async def mkdir(self, path: Path, *, parents: bool = False, exist_ok: bool = False) -> None:
+        self._forget_listed()
+        await self._mkdir(path, parents=parents, exist_ok=exist_ok)
+
+    async def _mkdir(self, path: Path, *, parents: bool, exist_ok: bool) -> None:
+        existing = await self._probe(path)
+        if existing is not None:
+            if exist_ok and stat.S_ISDIR(existing.st_mode):
+                return
+            raise FileExistsError(errno.EEXIST, "file exists", str(path))
+        if not await self._is_dir(path.parent):
+            if not parents:
+                raise FileNotFoundError(errno.ENOENT, "no such directory", str(path.parent))
+            await self._mkdir(path.parent, parents=True, exist_ok=True)
+        await self.ctx.call("put_object", Key=self._dir_prefix(path), Body=b"", **self.ctx.write_args)
+
+    @universal_exception
+    @with_timeout
+    async def rmdir(self, path: Path) -> None:
+        self._forget_listed()
+        if self._is_root(path):
+            raise PermissionError(errno.EPERM, "the root directory cannot be removed", str(path))
+        prefix = self._dir_prefix(path)
+        response = await self.ctx.call("list_objects_v2", Prefix=prefix, MaxKeys=2)
+        keys = [item["Key"] for item in response.get("Contents", [])]
+        if not keys:
+            if await self._file_stat(path) is not None:
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(path))
+            raise FileNotFoundError(errno.ENOENT, "no such directory", str(path))
+        if keys != [prefix]:
+            raise OSError(errno.ENOTEMPTY, "directory not empty", str(path))
+        await self.ctx.call("delete_object", Key=prefix)
+
+    @universal_exception
+    @with_timeout
+    async def unlink(self, path: Path) -> None:
+        self._forget_listed()
+        if await self._file_stat(path) is None:
+            if await self._is_dir(path):
+                raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+            raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
+        await self.ctx.call("delete_object", Key=self._key(path))
+
+    @universal_exception
+    async def rename(self, source: Path, destination: Path) -> Path:
+        # No path_timeout: renaming a large directory takes as long as its copies (each bounded by botocore).
+        self._forget_listed()
+        if self._is_root(source) or self._is_root(destination):
+            raise PermissionError(errno.EPERM, "the root directory cannot be renamed", str(source))
+        head = await self._head(self._key(source))
+        if head is not None:
+            await self._copy_object(self._key(source), self._key(destination), head)
+            await self.ctx.call("delete_object", Key=self._key(source))
+            return destination
+        if not await self._is_dir(source):
+            raise FileNotFoundError(errno.ENOENT, "no such file or directory", str(source))
+        await self._rename_prefix(self._dir_prefix(source), self._dir_prefix(destination))
+        return destination
+
+    async def _copy_object(self, source: str, destination: str, head: dict[str, Any]) -> None:
+        size = int(head["ContentLength"])
+        copy_source = {"Bucket": self.ctx.bucket, "Key": source}
+        if size <= MAX_PART:
+            await self.ctx.call("copy_object", Key=destination, CopySource=copy_source, **self.ctx.write_args)
+            return
+        # Above 5 GiB CopyObject is refused: copy in parts, keeping the object's metadata.
+        upload = S3Upload(self.ctx, destination)
+        upload_args = {"Metadata": head.get("Metadata", {}), **self.ctx.write_args}
+        if head.get("ContentType"):
+            upload_args["ContentType"] = head["ContentType"]
+        response = await run_to_completion(
+            self.ctx.call("create_multipart_upload", Key=destination, **upload_args)
+        )
+        upload.upload_id = str(response["UploadId"])
+        try:
+            await upload.copy_head(source, size, str(head["ETag"]))
+            await upload.commit()
+        except BaseException:
+            await run_to_completion(upload.abort())
+            raise
+
+    async def _rename_prefix(self, source: str, destination: str) -> None:
+        """Copy every key under ``source`` to ``destination`` (concurrently, bounded), then delete the sources.
+        A failure on the way deletes the copies made so far and leaves the source as it was."""
+        copied: list[str] = []
+        slots = asyncio.Semaphore(self.ctx.settings.copy_concurrency)
+
+        async def copy(item: dict[str, Any]) -> None:
+            target = destination + item["Key"][len(source) :]
+            async with slots:
+                await self._copy_object(item["Key"], target, {"ContentLength": item["Size"], "ETag": item["ETag"]})
+            copied.append(target)
+
+        try:
+            async for page in self._pages(source):
+                async with asyncio.TaskGroup() as group:
+                    for item in page:
+                        group.create_task(copy(item))
+        except BaseException as exc:
+            await run_to_completion(self._delete_keys(copied))
+            raise first_error(exc) from None
+        async for page in self._pages(source):
+            await self._delete_keys([item["Key"] for item in page])
+
+    async def _pages(self, prefix: str) -> AsyncIterator[Keys]:
+        token: dict[str, str] = {}
+        while True:
+            response = await self.ctx.call("list_objects_v2", Prefix=prefix, **token)
+            yield response.get("Contents", [])
+            if not response.get("IsTruncated"):
+                return
+            token = {"ContinuationToken": response["NextContinuationToken"]}
+
+    async def _delete_keys(self, keys: Sequence[str]) -> None:
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": key} for key in keys[start : start + 1000]]
+            response = await self.ctx.call("delete_objects", Delete={"Objects": batch, "Quiet": True})
+            if response.get("Errors"):
+                first = response["Errors"][0]
+                raise OSError(errno.EIO, f"S3 could not delete {len(response['Errors'])} keys: {first}", first["Key"])
+
+    # -- transfers -------------------------------------------------------------------------------------
+
+    async def _begin_upload(self, path: Path, *, offset: int, append: bool) -> Upload:
+        if self._is_root(path):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+        key = self._key(path)
+        if not await self._is_dir(path.parent):
+            raise FileNotFoundError(errno.ENOENT, "no such directory", str(path.parent))
+        if await self._has_keys_under(key + "/"):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+        head = await self._head(key) if offset or append else None
+        size = int(head["ContentLength"]) if head is not None else 0
+        if append:
+            offset = size
+        elif offset > size:
+            raise OSError(errno.EINVAL, "restart offset beyond the end of the file", str(path))
+        upload = S3Upload(self.ctx, key)
+        if offset and head is not None:
+            etag = str(head["ETag"])
+            if offset >= MIN_PART:
+                await upload.copy_head(key, offset, etag)
+            else:
+                response = await self.ctx.call("get_object", Key=key, Range=f"bytes=0-{offset - 1}", IfMatch=etag)
+                async with response["Body"] as body:
+                    upload.buffer += await body.read()
+        return upload
+
+    async def _begin_download(self, path: Path, *, offset: int) -> Download:
+        key = self._key(path)
+        arguments: dict[str, Any] = {"Key": key}
+        if offset:
+            arguments["Range"] = f"bytes={offset}-"
+        try:
+            response = await self.ctx.call("get_object", **arguments)
+        except OSError as exc:
+            if offset and exc.errno == errno.EINVAL:
+                return S3Download(None, key)  # REST at the very end: nothing left to send
+            raise
+        return S3Download(response["Body"], key)
+
+
+class _S3Lister(AbstractAsyncLister[Path]):
+    """ListObjectsV2 with a delimiter, a page at a time; each entry's stat is kept for aioftp's per-entry calls."""
+
+    def __init__(self, owner: S3PathIO, path: Path, *, timeout: float | int | None) -> None:
+        super().__init__(timeout=timeout)
+        self._owner = owner
+        self._path = path
+        self._prefix: str | None = None
+        self._token: dict[str, str] | None = {}
+        self._batch: list[tuple[str, os.stat_result]] = []
+
+    def _entries(self, prefix: str, response: dict[str, Any]) -> list[tuple[str, os.stat_result]]:
+        entries = []
+        for common in response.get("CommonPrefixes", []):
+            entries.append((common["Prefix"][len(prefix) : -1], dir_stat()))
+        for item in response.get("Contents", []):
+            entries.append((item["Key"][len(prefix) :], file_stat(item["Size"], item.get("LastModified"))))
+        # Not representable as an FTP name: empty (the marker itself, "a//b") or with line breaks.
+        return sorted((name, st) for name, st in entries if name and not set(name) & {"\r", "\n", "\0"})
+
+    @universal_exception
+    @with_timeout
+    async def __anext__(self) -> Path:
+        if self._prefix is None:
+            self._owner._forget_listed()
+            self._prefix = self._owner._dir_prefix(self._path)
+        while not self._batch:
+            if self._token is None:
+                self._owner._forget_listed()
+                raise StopAsyncIteration
+            response = await self._owner.ctx.call(
+                "list_objects_v2", Prefix=self._prefix, Delimiter="/", **self._token
+            )
+            self._token = (
+                {"ContinuationToken": response["NextContinuationToken"]} if response.get("IsTruncated") else None
+            )
+            self._batch = self._entries(self._prefix, response)
+            self._owner._remember_listed({self._path / name: st for name, st in self._batch})
+            self._batch.reverse()
+        name, _ = self._batch.pop()
+        return self._path / name
+
+
+class S3Storage(StorageFactory):
+    """``s3://bucket`` or ``s3://bucket/prefix``: the user sees the keys under the prefix."""
+
+    def __init__(self, uri: str, bucket: str, prefix: str, settings: Settings, resources: BackendResources) -> None:
+        self.uri = uri
+        self.ctx = S3Context(settings.s3, resources, bucket, prefix)
+        self.base_path = Path("/", f"s3:{bucket}", *[p for p in prefix.split("/") if p])
+        self._checked = False
+
+    @staticmethod
+    def _split(rest: str) -> tuple[str, str]:
+        bucket, _, prefix = unquote(rest).partition("/")
+        prefix = "/".join(part for part in prefix.split("/") if part)
+        return bucket, prefix + "/" if prefix else ""
+
+    @classmethod
+    def check(cls, rest: str) -> None:
+        bucket, prefix = cls._split(rest)
+        if not BUCKET_NAME.fullmatch(bucket):
+            raise ValueError(f"s3://{rest}: {bucket!r} is not a valid bucket name")
+        if any(part in (".", "..") for part in prefix.split("/")) or "\x00" in prefix:
+            raise ValueError(f"s3://{rest}: the prefix may not contain '.', '..' or NUL")
+
+    @classmethod
+    def from_uri(cls, uri: str, rest: str, settings: Settings, resources: BackendResources) -> Self:
+        cls.check(rest)
+        bucket, prefix = cls._split(rest)
+        return cls(uri, bucket, prefix, settings, resources)
+
+    async def prepare(self, *, create: bool) -> None:
+        """The bucket must exist and be reachable (checked at the first login); a prefix needs no creating."""
+        if not self._checked:
+            await self.ctx.call("head_bucket")
+            self._checked = True
+
+    def __call__(
+        self,
+        timeout: float | int | None = None,
+        connection: Connection | None = None,
+        state: Any = None,
+    ) -> AbstractPathIO[Path]:
+        return S3PathIO(timeout=timeout, connection=connection, state=state, ctx=self.ctx, base=self.base_path)
