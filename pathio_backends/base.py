@@ -272,9 +272,10 @@ class TransactionalPathIO(AbstractPathIO[Path]):
     async def commit(self, file: FileHandle) -> None:
         """Publish the upload: the new content replaces the old one at once. An empty upload makes an empty file."""
         upload = await self._upload(file)
-        file.finished = True
         self._forget_listed()
         await upload.commit()
+        # Only now: a commit that failed or was cancelled half-way leaves the upload to close(), which aborts it.
+        file.finished = True
 
     @universal_exception
     async def close(self, file: FileHandle) -> None:  # type: ignore[override]

@@ -203,6 +203,49 @@ class S3Context:
         return response
 
 
+class AbortJanitor:
+    """Multipart uploads whose abort failed (S3 unreachable at that moment) are aborted again with backoff
+    until S3 answers: their parts would otherwise stay stored, and billed, with nothing to show for them."""
+
+    FIRST_DELAY = 0.5
+    MAX_DELAY = 30.0
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def abort_later(self, ctx: S3Context, key: str, upload_id: str) -> None:
+        task = asyncio.create_task(self._retry(ctx, key, upload_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _retry(self, ctx: S3Context, key: str, upload_id: str) -> None:
+        delay = self.FIRST_DELAY
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await ctx.call("abort_multipart_upload", Key=key, UploadId=upload_id)
+            except FileNotFoundError:
+                return  # already gone
+            except OSError:
+                delay = min(delay * 2, self.MAX_DELAY)
+                continue
+            logger.info("aborted multipart upload %s of %s on a later attempt", upload_id, key)
+            return
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            logger.error("%d multipart uploads could not be aborted before shutdown", len(self._tasks))
+            await asyncio.wait(set(self._tasks))
+
+    @staticmethod
+    async def make(stack: AsyncExitStack) -> AbortJanitor:
+        janitor = AbortJanitor()
+        stack.push_async_callback(janitor.close)
+        return janitor
+
+
 class S3Upload(Upload):
     def __init__(self, ctx: S3Context, key: str) -> None:
         self.ctx = ctx
@@ -229,6 +272,7 @@ class S3Upload(Upload):
                 self.ctx.call("create_multipart_upload", Key=self.key, **self.ctx.write_args)
             )
             self.upload_id = str(response["UploadId"])
+            logger.debug("multipart upload %s of %s started", self.upload_id, self.key)
         return self.upload_id
 
     async def _schedule(self, make: Callable[[int, str], Awaitable[dict[str, Any]]]) -> None:
@@ -320,6 +364,7 @@ class S3Upload(Upload):
         self.done = True
 
     async def abort(self) -> None:
+        logger.debug("aborting upload of %s (multipart %s, done %s)", self.key, self.upload_id, self.done)
         for task in self.tasks:
             task.cancel()
         if self.tasks:
@@ -330,9 +375,12 @@ class S3Upload(Upload):
         try:
             async with asyncio.timeout(self.ctx.settings.read_timeout):
                 await self.ctx.call("abort_multipart_upload", Key=self.key, UploadId=self.upload_id)
+        except FileNotFoundError:
+            pass
         except (OSError, TimeoutError) as exc:
-            # The parts stay stored (and billed) until a lifecycle rule removes incomplete uploads.
-            logger.error("could not abort multipart upload %s of %s: %r", self.upload_id, self.key, exc)
+            logger.warning("could not abort multipart upload %s of %s yet: %r", self.upload_id, self.key, exc)
+            janitor = await self.ctx.resources.get("s3-janitor", AbortJanitor.make)
+            janitor.abort_later(self.ctx, self.key, self.upload_id)
 
 
 class S3Download(Download):
@@ -532,9 +580,7 @@ class S3PathIO(TransactionalPathIO):
         upload_args = {"Metadata": head.get("Metadata", {}), **self.ctx.write_args}
         if head.get("ContentType"):
             upload_args["ContentType"] = head["ContentType"]
-        response = await run_to_completion(
-            self.ctx.call("create_multipart_upload", Key=destination, **upload_args)
-        )
+        response = await run_to_completion(self.ctx.call("create_multipart_upload", Key=destination, **upload_args))
         upload.upload_id = str(response["UploadId"])
         try:
             await upload.copy_head(source, size, str(head["ETag"]))
@@ -654,9 +700,7 @@ class _S3Lister(AbstractAsyncLister[Path]):
             if self._token is None:
                 self._owner._forget_listed()
                 raise StopAsyncIteration
-            response = await self._owner.ctx.call(
-                "list_objects_v2", Prefix=self._prefix, Delimiter="/", **self._token
-            )
+            response = await self._owner.ctx.call("list_objects_v2", Prefix=self._prefix, Delimiter="/", **self._token)
             self._token = (
                 {"ContinuationToken": response["NextContinuationToken"]} if response.get("IsTruncated") else None
             )

@@ -1,4 +1,4 @@
-"""Uploads and downloads on local disk: resume, append, and interrupted uploads that leave nothing behind."""
+"""Uploads and downloads on local disk and S3: resume, append, and interrupted uploads that leave nothing behind."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aioftp
 import pytest
 
+from gateway.config import Settings
 from pathio_backends.base import RESERVED_PREFIX
 from tests.clients import FtplibClient, assert_refused, ftp_login
 from tests.helpers import GatewayThread, MiB, gateway_settings, random_bytes, require_binary, running, sha256
@@ -23,12 +25,23 @@ from tests.helpers import GatewayThread, MiB, gateway_settings, random_bytes, re
 OLD = b"the previous version\n"
 
 
-@pytest.fixture(params=["pump", "event-loop"])
+VARIANTS = ["local-pump", "local-event-loop", "s3"]
+
+
+def variant_settings(request: pytest.FixtureRequest, tmp_path: Path, variant: str, **overrides: Any) -> Settings:
+    """local-pump: local-disk transfers through the worker-thread pump (the default); local-event-loop: through
+    the event loop (used under speed limits, or when all pump threads are busy); s3: moto over HTTP, with
+    S3's smallest part size so that multipart uploads start at 5 MiB."""
+    if variant == "s3":
+        endpoint = request.getfixturevalue("s3_endpoint")
+        return gateway_settings(tmp_path, s3_endpoint=endpoint, s3={"part_size": 5 * MiB}, **overrides)
+    threads = 64 if variant == "local-pump" else 0
+    return gateway_settings(tmp_path, transfer={"pump_threads": threads}, **overrides)
+
+
+@pytest.fixture(params=VARIANTS)
 def gateway(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[GatewayThread]:
-    """Every test here runs twice: local-disk transfers through the worker-thread pump (the default) and
-    through the event loop (used under speed limits, or when all pump threads are busy)."""
-    threads = 64 if request.param == "pump" else 0
-    with running(gateway_settings(tmp_path, transfer={"pump_threads": threads})) as gw:
+    with running(variant_settings(request, tmp_path, request.param)) as gw:
         yield gw
 
 
@@ -38,18 +51,6 @@ def alice(gateway: GatewayThread) -> Iterator[FtplibClient]:
     client = ftp_login(gateway.host, gateway.port, "alice")
     yield client
     client.ftp.close()
-
-
-def leftovers(root: Path) -> list[str]:
-    return sorted(p.name for p in root.rglob("*") if p.name.startswith(RESERVED_PREFIX))
-
-
-def wait_until_settled(root: Path, timeout: float = 10) -> None:
-    """An aborted upload's temporary file is removed just after the client saw the error; wait for it."""
-    deadline = time.monotonic() + timeout
-    while leftovers(root):
-        assert time.monotonic() < deadline, f"temporary files left: {leftovers(root)}"
-        time.sleep(0.02)
 
 
 def test_rest_retr_append_and_resumed_stor(alice: FtplibClient, gateway: GatewayThread) -> None:
@@ -71,7 +72,7 @@ def test_rest_retr_append_and_resumed_stor(alice: FtplibClient, gateway: Gateway
     alice.ftp.storbinary("APPE new.log", io.BytesIO(b"line 1\n"))
     alice.ftp.storbinary("APPE new.log", io.BytesIO(b"line 2\n"))
     assert alice.retr("new.log") == b"line 1\nline 2\n"
-    assert leftovers(gateway.root_of("alice")) == []
+    assert gateway.files.pending_uploads("alice") == []
 
 
 def test_rest_applies_to_the_next_transfer_only(alice: FtplibClient) -> None:
@@ -128,7 +129,7 @@ def test_rename_replaces_a_file_but_never_a_directory(alice: FtplibClient) -> No
 def test_data_connection_reset_mid_upload_keeps_the_old_file(alice: FtplibClient, gateway: GatewayThread) -> None:
     alice.stor("doc.bin", OLD)
     data_socket = alice.ftp.transfercmd("STOR doc.bin")
-    data_socket.sendall(random_bytes(2 * MiB))
+    data_socket.sendall(random_bytes(12 * MiB))
     # SO_LINGER 0: close with a TCP reset, as a crashed client or a broken network path would.
     data_socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     data_socket.close()
@@ -136,12 +137,12 @@ def test_data_connection_reset_mid_upload_keeps_the_old_file(alice: FtplibClient
         alice.ftp.voidresp()
     assert str(excinfo.value).startswith("426")
     assert alice.retr("doc.bin") == OLD
-    wait_until_settled(gateway.root_of("alice"))
+    gateway.wait_for_no_pending_uploads("alice")
+    assert gateway.files.files("alice") == {"doc.bin": OLD}
 
 
 def test_abor_mid_upload_keeps_the_old_file(gateway: GatewayThread) -> None:
     gateway.add_user("alice")
-    root = gateway.root_of("alice")
 
     async def scenario() -> list[str]:
         client = aioftp.Client(socket_timeout=10)
@@ -150,7 +151,7 @@ def test_abor_mid_upload_keeps_the_old_file(gateway: GatewayThread) -> None:
         async with client.upload_stream("doc.bin") as stream:
             await stream.write(OLD)
         stream = await client.upload_stream("doc.bin")
-        await stream.write(random_bytes(3 * MiB))
+        await stream.write(random_bytes(12 * MiB))  # on S3: two parts sent, the third under way
         await client.abort()
         stream.close()
         names = [str(path) for path, _ in await client.list()]
@@ -161,37 +162,40 @@ def test_abor_mid_upload_keeps_the_old_file(gateway: GatewayThread) -> None:
         return names
 
     assert asyncio.run(scenario()) == ["doc.bin"]
-    wait_until_settled(root)
-    assert (root / "doc.bin").read_bytes() == OLD
+    gateway.wait_for_no_pending_uploads("alice")
+    assert gateway.files.files("alice") == {"doc.bin": OLD}
 
 
 def test_killed_client_leaves_no_partial_file(gateway: GatewayThread, tmp_path: Path) -> None:
     curl = require_binary("curl")
     gateway.add_user("alice")
-    root = gateway.root_of("alice")
+    gateway.files.put("alice", "big.bin", OLD)
     big = tmp_path / "big.bin"
-    big.write_bytes(random_bytes(8 * MiB))
+    big.write_bytes(random_bytes(32 * MiB))
     url = f"ftp://127.0.0.1:{gateway.port}/big.bin"
     process = subprocess.Popen(
-        [curl, "--silent", "--user", "alice:secret", "--limit-rate", "1M", "--upload-file", str(big), url]
+        [curl, "--silent", "--user", "alice:secret", "--limit-rate", "4M", "--upload-file", str(big), url]
     )
     try:
-        deadline = time.monotonic() + 20
-        while not leftovers(root) or (root / leftovers(root)[0]).stat().st_size < 256 * 1024:
+        deadline = time.monotonic() + 30
+        # Local disk: the temporary file exists; S3: the multipart upload has begun (its first part is out).
+        while not gateway.files.pending_uploads("alice"):
             assert time.monotonic() < deadline, "the upload never started"
             assert process.poll() is None
             time.sleep(0.02)
+        time.sleep(0.5)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    wait_until_settled(root)
-    assert not (root / "big.bin").exists()
+    gateway.wait_for_no_pending_uploads("alice")
+    assert gateway.files.files("alice") == {"big.bin": OLD}
 
 
-@pytest.mark.parametrize("pump_threads", [64, 0])
-def test_client_that_never_opens_the_data_connection(tmp_path: Path, pump_threads: int) -> None:
-    settings = gateway_settings(tmp_path, timeouts={"data_connection": 0.5}, transfer={"pump_threads": pump_threads})
-    with running(settings) as gateway:
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_client_that_never_opens_the_data_connection(
+    request: pytest.FixtureRequest, tmp_path: Path, variant: str
+) -> None:
+    with running(variant_settings(request, tmp_path, variant, timeouts={"data_connection": 0.5})) as gateway:
         gateway.add_user("alice")
         client = ftp_login(gateway.host, gateway.port, "alice")
         client.ftp.sendcmd("TYPE I")
@@ -202,8 +206,8 @@ def test_client_that_never_opens_the_data_connection(tmp_path: Path, pump_thread
         assert str(excinfo.value).startswith("425")
         assert client.ftp.sendcmd("NOOP").startswith("200")
         client.quit()
-        wait_until_settled(gateway.root_of("alice"))
-        assert not (gateway.root_of("alice") / "never.bin").exists()
+        gateway.wait_for_no_pending_uploads("alice")
+        assert gateway.files.files("alice") == {}
 
 
 def test_long_transfer_is_not_idle_but_an_idle_session_is_closed(tmp_path: Path) -> None:
@@ -224,14 +228,15 @@ def test_long_transfer_is_not_idle_but_an_idle_session_is_closed(tmp_path: Path)
         client.ftp.close()
 
 
-@pytest.mark.parametrize("pump_threads", [64, 0])
-def test_stalled_data_connection_times_out_and_leaves_nothing(tmp_path: Path, pump_threads: int) -> None:
-    settings = gateway_settings(tmp_path, timeouts={"socket": 1}, transfer={"pump_threads": pump_threads})
-    with running(settings) as gateway:
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_stalled_data_connection_times_out_and_leaves_nothing(
+    request: pytest.FixtureRequest, tmp_path: Path, variant: str
+) -> None:
+    with running(variant_settings(request, tmp_path, variant, timeouts={"socket": 1})) as gateway:
         gateway.add_user("alice")
         client = ftp_login(gateway.host, gateway.port, "alice")
         data_socket = client.ftp.transfercmd("STOR stalled.bin")
-        data_socket.sendall(random_bytes(100_000))
+        data_socket.sendall(random_bytes(7 * MiB))
         # ... and nothing more, without closing: the server gives up after its socket timeout.
         with pytest.raises(ftplib.error_temp) as excinfo:
             client.ftp.voidresp()
@@ -239,15 +244,14 @@ def test_stalled_data_connection_times_out_and_leaves_nothing(tmp_path: Path, pu
         data_socket.close()
         assert client.ftp.sendcmd("NOOP").startswith("200")
         client.quit()
-        wait_until_settled(gateway.root_of("alice"))
-        assert not (gateway.root_of("alice") / "stalled.bin").exists()
+        gateway.wait_for_no_pending_uploads("alice")
+        assert gateway.files.files("alice") == {}
 
 
 def test_abor_mid_download_keeps_the_session(gateway: GatewayThread) -> None:
     gateway.add_user("alice")
-    root = gateway.root_of("alice")
-    root.mkdir(parents=True)
-    (root / "big.bin").write_bytes(random_bytes(64 * MiB))
+    big = random_bytes(64 * MiB)
+    gateway.files.put("alice", "big.bin", big)
 
     async def scenario() -> bytes:
         client = aioftp.Client(socket_timeout=10)
@@ -262,4 +266,37 @@ def test_abor_mid_download_keeps_the_session(gateway: GatewayThread) -> None:
         await client.quit()
         return data
 
-    assert asyncio.run(scenario()) == (root / "big.bin").read_bytes()[-5:]
+    assert asyncio.run(scenario()) == big[-5:]
+
+
+@pytest.mark.parametrize("size", [0, 1, 5 * MiB, 5 * MiB + 1, 3 * 5 * MiB + 123])
+def test_sizes_around_part_boundaries(alice: FtplibClient, gateway: GatewayThread, size: int) -> None:
+    data = random_bytes(size, seed=size)
+    alice.stor("object.bin", data)
+    assert alice.ftp.sendcmd("SIZE object.bin") == f"213 {size}"
+    assert sha256(alice.retr("object.bin")) == sha256(data)
+    assert {n: sha256(d) for n, d in gateway.files.files("alice").items()} == {"object.bin": sha256(data)}
+    assert gateway.files.pending_uploads("alice") == []
+
+
+@pytest.mark.parametrize("kept", [3 * MiB, 6 * MiB])
+def test_append_and_resume_below_and_above_5_mib(alice: FtplibClient, gateway: GatewayThread, kept: int) -> None:
+    """On S3 a kept head under 5 MiB is uploaded again, from 5 MiB on S3 copies it (UploadPartCopy)."""
+    old = random_bytes(kept + 2 * MiB, seed=kept)
+    alice.stor("data.bin", old)
+    more = random_bytes(MiB + 7, seed=1)
+    alice.ftp.storbinary("APPE data.bin", io.BytesIO(more))
+    assert sha256(alice.retr("data.bin")) == sha256(old + more)
+    resumed = random_bytes(6 * MiB + 3, seed=2)
+    alice.ftp.storbinary("STOR data.bin", io.BytesIO(resumed), rest=kept)
+    expected = (old + more)[:kept] + resumed
+    assert sha256(alice.retr("data.bin")) == sha256(expected)
+    assert {n: sha256(d) for n, d in gateway.files.files("alice").items()} == {"data.bin": sha256(expected)}
+    # An append that is interrupted leaves the file as it was.
+    data_socket = alice.ftp.transfercmd("APPE data.bin")
+    data_socket.sendall(random_bytes(6 * MiB))
+    data_socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    data_socket.close()
+    assert_refused("426", alice.ftp.voidresp)
+    gateway.wait_for_no_pending_uploads("alice")
+    assert sha256(alice.retr("data.bin")) == sha256(expected)
