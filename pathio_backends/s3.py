@@ -107,7 +107,9 @@ def translate(exc: BaseException, operation: str, key: str | None) -> OSError:
         code = str(error.get("Code", ""))
         status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
         kind, number = ERROR_CODES.get(code) or ERROR_CODES.get(status) or (OSError, errno.EIO)
-        logger.warning("S3 %s failed: %s (HTTP %s) %s", where, code or "-", status or "-", error.get("Message", ""))
+        # A missing key is an everyday answer (a HEAD to see whether a file exists), not a failure.
+        level = logging.DEBUG if kind is FileNotFoundError else logging.WARNING
+        logger.log(level, "S3 %s failed: %s (HTTP %s) %s", where, code or "-", status or "-", error.get("Message", ""))
         return kind(number, f"S3 {code or status}", key)
     if isinstance(exc, EndpointConnectionError):
         logger.warning("S3 %s failed: endpoint unreachable: %s", where, exc)
@@ -591,24 +593,26 @@ class S3PathIO(TransactionalPathIO):
 
     async def _rename_prefix(self, source: str, destination: str) -> None:
         """Copy every key under ``source`` to ``destination`` (concurrently, bounded), then delete the sources.
-        A failure on the way deletes the copies made so far and leaves the source as it was."""
-        copied: list[str] = []
+        A failure on the way deletes the copies made so far and leaves the source as it was. Copies of a page
+        are never cancelled half-way: S3 may still finish a request whose client gave up, after the clean-up."""
+        attempted: list[str] = []
         slots = asyncio.Semaphore(self.ctx.settings.copy_concurrency)
 
         async def copy(item: dict[str, Any]) -> None:
             target = destination + item["Key"][len(source) :]
             async with slots:
+                attempted.append(target)
                 await self._copy_object(item["Key"], target, {"ContentLength": item["Size"], "ETag": item["ETag"]})
-            copied.append(target)
 
         try:
             async for page in self._pages(source):
-                async with asyncio.TaskGroup() as group:
-                    for item in page:
-                        group.create_task(copy(item))
-        except BaseException as exc:
-            await run_to_completion(self._delete_keys(copied))
-            raise first_error(exc) from None
+                results = await asyncio.gather(*(copy(item) for item in page), return_exceptions=True)
+                failures = [result for result in results if isinstance(result, BaseException)]
+                if failures:
+                    raise failures[0]
+        except BaseException:
+            await run_to_completion(self._delete_keys(attempted))
+            raise
         async for page in self._pages(source):
             await self._delete_keys([item["Key"] for item in page])
 

@@ -1,0 +1,268 @@
+"""What is particular to the S3 backend: its error table, outages, directory renames and huge listings."""
+
+from __future__ import annotations
+
+import errno
+import ftplib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError
+
+from gateway.errors import reply_for
+from pathio_backends.s3 import part_size_for, translate
+from tests.clients import assert_refused, ftp_login
+from tests.helpers import (
+    MiB,
+    S3_BUCKET,
+    S3_CREDENTIALS,
+    GatewayThread,
+    create_test_bucket,
+    gateway_settings,
+    random_bytes,
+    running,
+    sha256,
+)
+
+OLD = b"the previous version\n"
+
+
+def client_error(code: str, status: int) -> ClientError:
+    return ClientError(
+        {"Error": {"Code": code, "Message": "test"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "number", "reply"),
+    [
+        (client_error("NoSuchKey", 404), FileNotFoundError, errno.ENOENT, "550"),
+        (client_error("", 404), FileNotFoundError, errno.ENOENT, "550"),
+        (client_error("NoSuchBucket", 404), OSError, errno.ENXIO, "451"),
+        (client_error("AccessDenied", 403), PermissionError, errno.EACCES, "550"),
+        (client_error("SlowDown", 503), OSError, errno.EBUSY, "451"),
+        (client_error("ServiceUnavailable", 503), OSError, errno.EBUSY, "451"),
+        (client_error("RequestTimeout", 400), TimeoutError, errno.ETIMEDOUT, "451"),
+        (client_error("EntityTooLarge", 400), OSError, errno.EFBIG, "452"),
+        (client_error("KeyTooLongError", 400), OSError, errno.ENAMETOOLONG, "553"),
+        (client_error("InternalError", 500), OSError, errno.EIO, "451"),
+        (EndpointConnectionError(endpoint_url="http://127.0.0.1:9"), ConnectionRefusedError, errno.ECONNREFUSED, "451"),
+    ],
+)
+def test_s3_errors_map_to_builtin_errors_and_replies(
+    error: Exception, kind: type[OSError], number: int, reply: str
+) -> None:
+    translated = translate(error, "PutObject", "users/alice/x")
+    assert type(translated) is kind
+    assert translated.errno == number
+    code, _, expected = reply_for(translated)
+    assert code == reply and expected
+
+
+def test_part_sizes_reach_5_tib_in_10000_parts() -> None:
+    for base in (5 * MiB, 8 * MiB, 64 * MiB):
+        sizes = [part_size_for(base, n) for n in range(1, 10_001)]
+        assert sum(sizes) >= 5 * 1024**4
+        assert all(5 * MiB <= size <= 5 * 1024**3 for size in sizes)
+        assert sizes[0] == base and sizes == sorted(sizes)
+
+
+@pytest.fixture
+def s3_gateway(tmp_path: Path, s3_endpoint: str) -> Iterator[GatewayThread]:
+    with running(gateway_settings(tmp_path, s3_endpoint=s3_endpoint, s3={"part_size": 5 * MiB})) as gw:
+        yield gw
+
+
+def test_missing_bucket_gets_451_and_the_session_goes_on(s3_gateway: GatewayThread) -> None:
+    s3_gateway.add_user("alice")
+    client = ftp_login(s3_gateway.host, s3_gateway.port, "alice")
+    s3 = s3_gateway.files.client  # type: ignore[union-attr]
+    s3.delete_bucket(Bucket=S3_BUCKET)
+    assert_refused("451", lambda: client.list(), lambda: client.mkd("d"))
+    assert client.ftp.sendcmd("NOOP").startswith("200")
+    s3.create_bucket(Bucket=S3_BUCKET)
+    client.mkd("d")
+    assert client.list() == {"d": ("dir", 0)}
+    client.quit()
+
+
+def test_unreachable_endpoint_refuses_that_login_only(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    settings = gateway_settings(
+        tmp_path,
+        storage={"default_uri": f"s3://{S3_BUCKET}/{{username}}"},
+        s3={"endpoint_url": f"http://127.0.0.1:{closed_port}", "max_attempts": 1, **S3_CREDENTIALS},
+    )
+    with running(settings) as gateway:
+        gateway.add_user("alice")
+        gateway.add_user("bob", storage_uri=f"file://{tmp_path / 'bob'}")
+        (tmp_path / "bob").mkdir()
+        with pytest.raises(ftplib.error_perm) as excinfo:
+            ftp_login(gateway.host, gateway.port, "alice")
+        assert str(excinfo.value) == "530 Login refused: storage unavailable."
+        bob = ftp_login(gateway.host, gateway.port, "bob")
+        bob.stor("still.txt", b"serving")
+        bob.quit()
+
+
+def test_s3_outage_mid_upload(tmp_path: Path) -> None:
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    create_test_bucket(endpoint)
+    settings = gateway_settings(
+        tmp_path, s3_endpoint=endpoint, s3={"part_size": 5 * MiB, "max_attempts": 2, "connect_timeout": 2}
+    )
+    try:
+        with running(settings) as gateway:
+            gateway.add_user("alice")
+            gateway.files.put("alice", "doc.bin", OLD)
+            client = ftp_login(gateway.host, gateway.port, "alice")
+            data_socket = client.ftp.transfercmd("STOR doc.bin")
+            data_socket.sendall(random_bytes(11 * MiB))
+            deadline = time.monotonic() + 20
+            while not gateway.files.pending_uploads("alice"):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            moto.stop()
+            try:
+                data_socket.sendall(random_bytes(6 * MiB))
+            except OSError:
+                pass  # the server may have given up on the data connection already
+            data_socket.close()
+            with pytest.raises(ftplib.Error) as excinfo:
+                client.ftp.voidresp()
+            assert str(excinfo.value).startswith(("451", "426")), excinfo.value
+            assert client.ftp.sendcmd("NOOP").startswith("200")
+
+            moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+            moto.start()
+            # The multipart upload that could not be aborted during the outage is aborted once S3 is back.
+            gateway.wait_for_no_pending_uploads("alice", timeout=60)
+            assert gateway.files.files("alice") == {"doc.bin": OLD}
+            other = ftp_login(gateway.host, gateway.port, "alice")
+            other.stor("after.bin", b"S3 is back")
+            assert other.retr("after.bin") == b"S3 is back"
+            other.quit()
+            client.quit()
+    finally:
+        moto.stop()
+
+
+def seed(count: int, prefix: str) -> None:
+    """Objects put straight into moto's store (over HTTP this would take minutes); the gateway reads them over HTTP."""
+    from moto.backends import get_backend
+
+    backend = get_backend("s3")["123456789012"]["global"]
+    for index in range(count):
+        backend.put_object(S3_BUCKET, f"{prefix}{index:06d}.txt", f"object {index}".encode())
+
+
+def test_directory_rename_of_1000_keys(s3_gateway: GatewayThread) -> None:
+    s3_gateway.add_user("alice")
+    seed(1000, "users/alice/photos/2026/img-")
+    s3_gateway.files.makedirs("alice", "photos")
+    client = ftp_login(s3_gateway.host, s3_gateway.port, "alice")
+    client.rename("photos", "archive")
+    files = s3_gateway.files.files("alice")
+    assert len(files) == 1000
+    assert all(name.startswith("archive/2026/img-") for name in files)
+    assert files["archive/2026/img-000999.txt"] == b"object 999"
+    assert client.list() == {"archive": ("dir", 0)}
+    assert len(client.list("archive/2026")) == 1000
+    client.quit()
+
+
+def test_failed_directory_rename_leaves_the_source_complete(s3_gateway: GatewayThread) -> None:
+    s3_gateway.add_user("alice")
+    seed(200, "users/alice/docs/doc-")
+    s3 = s3_gateway.files.client  # type: ignore[union-attr]
+    # An archived object cannot be copied (ObjectNotInActiveTierError): the rename fails half-way.
+    s3.put_object(Bucket=S3_BUCKET, Key="users/alice/docs/doc-000100.5.txt", Body=b"cold", StorageClass="GLACIER")
+
+    def objects() -> dict[str, tuple[int, str]]:
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET, Prefix="users/alice/")
+        return {item["Key"]: (item["Size"], item["ETag"]) for page in pages for item in page.get("Contents", [])}
+
+    before = objects()
+    assert len(before) == 201
+    client = ftp_login(s3_gateway.host, s3_gateway.port, "alice")
+    client.ftp.sendcmd("RNFR docs")
+    assert_refused("550", lambda: client.ftp.sendcmd("RNTO moved"))
+    assert objects() == before
+    assert set(client.list()) == {"docs"}
+    client.quit()
+
+
+def vm_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+def test_listing_100000_keys_streams_with_bounded_memory(tmp_path: Path, s3_endpoint: str) -> None:
+    """The gateway runs as its own process so that its memory alone is measured (peak RSS, from /proc)."""
+    seed(100_000, "users/alice/big/key-")
+    database = f"sqlite:///{tmp_path / 'users.db'}"
+    env = {
+        **os.environ,
+        "FTP_GATEWAY_STORAGE__DEFAULT_URI": f"s3://{S3_BUCKET}/users/{{username}}",
+        "FTP_GATEWAY_S3__ENDPOINT_URL": s3_endpoint,
+        "FTP_GATEWAY_S3__ACCESS_KEY_ID": "testing",
+        "FTP_GATEWAY_S3__SECRET_ACCESS_KEY": "testing",
+        "FTP_GATEWAY_S3__REGION": "us-east-1",
+        "FTP_GATEWAY_LOG__LEVEL": "warning",
+        "FTP_GATEWAY_TIMEOUTS__PATH": "120",
+    }
+    command = [str(Path(sys.executable).with_name("ftp-gateway"))]
+    subprocess.run(
+        [*command, "user", "add", "alice", "--password-stdin", "--database", database],
+        input="pw\n", text=True, check=True, env=env, capture_output=True,
+    )  # fmt: skip
+    process = subprocess.Popen(
+        [*command, "serve", "--listen", "127.0.0.1:0", "--passive-ports", "47300-47349", "--database", database],
+        stdout=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        port = int(process.stdout.readline().rsplit(":", 1)[1])
+        with ftplib.FTP() as ftp:
+            ftp.connect("127.0.0.1", port, timeout=300)
+            ftp.login("alice", "pw")
+            ftp.retrlines("LIST")  # warm up: the S3 client, its pool, first-use allocations
+            before = vm_kib(process.pid, "VmRSS")
+            Path(f"/proc/{process.pid}/clear_refs").write_text("5")  # restart the peak-RSS count from here
+            count = 0
+
+            def line(text: str) -> None:
+                nonlocal count
+                count += 1
+
+            ftp.retrlines("LIST big", line)
+            peak = vm_kib(process.pid, "VmHWM")
+            ftp.quit()
+        assert count == 100_000
+        growth_mib = (peak - before) / 1024
+        print(f"listing 100,000 keys: peak RSS grew by {growth_mib:.1f} MiB")
+        # Holding the whole listing would take ~100 MiB (a Path and a stat_result per entry) plus the XML.
+        assert growth_mib < 32
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        assert process.stdout is not None
+        process.stdout.close()
