@@ -20,15 +20,14 @@ from gateway.errors import reply_for
 from pathio_backends.s3 import part_size_for, translate
 from tests.clients import assert_refused, ftp_login
 from tests.helpers import (
-    MiB,
     S3_BUCKET,
     S3_CREDENTIALS,
     GatewayThread,
+    MiB,
     create_test_bucket,
     gateway_settings,
     random_bytes,
     running,
-    sha256,
 )
 
 OLD = b"the previous version\n"
