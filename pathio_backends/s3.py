@@ -561,6 +561,9 @@ class S3PathIO(TransactionalPathIO):
         self._forget_listed()
         if self._is_root(source) or self._is_root(destination):
             raise PermissionError(errno.EPERM, "the root directory cannot be renamed", str(source))
+        if not await self._is_dir(destination.parent):
+            # S3 would take any key; a file system (and so the client) expects the directory to exist.
+            raise FileNotFoundError(errno.ENOENT, "no such directory", str(destination.parent))
         head = await self._head(self._key(source))
         if head is not None:
             await self._copy_object(self._key(source), self._key(destination), head)

@@ -38,7 +38,9 @@ class FileCommands(CommandBase):
         source = connection.rename_from
         del connection.rename_from
         path_io = connection.path_io
-        if await path_io.is_dir(real_path):
+        if real_path == source:
+            connection.response("250", "Rename successful (same name).")
+        elif await path_io.is_dir(real_path):
             connection.response("550", "Destination is a directory.")
         elif await path_io.is_dir(source) and await path_io.exists(real_path):
             connection.response("550", "Destination exists.")

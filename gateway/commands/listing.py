@@ -47,9 +47,14 @@ def mlsx_perm(st: os.stat_result, permission: aioftp.Permission) -> str:
     return ("r" if permission.readable else "") + ("awdf" if permission.writable else "")
 
 
+# What ls shows for a directory; the storage's own figure (4096 on ext4, 0 on S3) would tell backends apart.
+DIRECTORY_SIZE = 4096
+
+
 def list_line(path: Path, st: os.stat_result, now: float) -> str:
+    size = DIRECTORY_SIZE if stat.S_ISDIR(st.st_mode) else st.st_size
     return (
-        f"{stat.filemode(st.st_mode)} {st.st_nlink:3d} ftp      ftp      {st.st_size:>13d} "
+        f"{stat.filemode(st.st_mode)} {st.st_nlink:3d} ftp      ftp      {size:>13d} "
         f"{ls_time(st.st_mtime, now)} {path.name}"
     )
 
@@ -75,7 +80,8 @@ class ListingCommands(CommandBase):
         if "type" in selected:
             kind = "dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "OS.unix=other"
             facts.append(f"type={kind};")
-        if "size" in selected:
+        if "size" in selected and not stat.S_ISDIR(st.st_mode):
+            # RFC 3659 7.5.5: size is a fact of files, not of directories.
             facts.append(f"size={st.st_size};")
         if "modify" in selected:
             facts.append(f"modify={mlsx_time(st.st_mtime)};")
