@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint format bench clean
+.PHONY: help run serve test lint format bench bench-s3 clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -17,7 +17,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,lint]'
 	@touch $@
 
-run: $(STAMP) ## serve FTP on 127.0.0.1:2121: users in ./ftp-gateway.db, files in ./ftp-data/<user>
+run: $(STAMP) ## serve FTP on 127.0.0.1:2121 onto an S3 inside the process (moto), user demo; prints the login
+	$(BIN)/ftp-gateway dev
+
+serve: $(STAMP) ## serve FTP on 127.0.0.1:2121 onto local disk: users in ./ftp-gateway.db, files in ./ftp-data/<user>
 	$(BIN)/ftp-gateway serve
 
 test: $(STAMP) ## run the whole test suite (real gateway, curl, PostgreSQL on 127.0.0.1:5432)
@@ -34,6 +37,9 @@ format: $(STAMP) ## reformat and fix what ruff can
 
 bench: $(STAMP) ## local disk: curl through the gateway vs vsftpd (if installed), 256 MiB
 	$(BIN)/python bench/local_disk.py
+
+bench-s3: $(STAMP) ## S3 (moto): curl through the gateway vs aiobotocore direct, 256 MiB; peak RSS of a 1 GiB upload
+	$(BIN)/python bench/s3.py
 
 clean: ## remove the virtualenv and caches (not ./ftp-gateway.db or ./ftp-data)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

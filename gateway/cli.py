@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -118,6 +119,14 @@ def build_parser() -> Parser:
     serve.add_argument("--masquerade-address", metavar="IP", help="IPv4 address announced in PASV replies")
     serve.add_argument("--storage", metavar="URI", help="storage of users without their own ({username} allowed)")
     serve.set_defaults(func=cmd_serve)
+
+    dev = commands.add_parser(
+        "dev", parents=[common], help="serve onto an S3 in this process (moto), with a demo user: for trying it"
+    )
+    dev.add_argument("--listen", type=listen_address, metavar="HOST:PORT", help="control connection address")
+    dev.add_argument("--data-dir", type=Path, metavar="DIR", help="keep the user database here (default: temporary)")
+    dev.add_argument("--password-stdin", action="store_true", help="demo's password from stdin (default: generated)")
+    dev.set_defaults(func=cmd_dev)
 
     db = commands.add_parser("db", help="user database schema").add_subparsers(
         dest="db_command", required=True, metavar="COMMAND", parser_class=Parser
@@ -418,6 +427,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
             loop.add_signal_handler(signum, stop.set)
         try:
             async with running_gateway(settings) as server:
+                if not await server.user_manager.store.count():
+                    logger.warning("no users yet: add one with 'ftp-gateway user add NAME' (same --database or config)")
                 print(f"listening on ftp://{format_address(settings.listen_host, server.server_port)}", flush=True)
                 await stop.wait()
                 logger.info("stopping")
@@ -428,6 +439,21 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         return 0
 
     return _run(main(), "cannot start")
+
+
+def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway import dev
+
+    password = read_password(args) if args.password_stdin else secrets.token_urlsafe(12)
+    gateway_log.configure(settings.log.level)
+    try:
+        return dev.run(settings, args.data_dir, password, database_given=bool(args.database))
+    except dev.MotoMissing as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        raise CliError(f"cannot listen on {settings.listen}: {os.strerror(exc.errno)}", EXIT_FAILURE) from None
 
 
 # -- entry point ----------------------------------------------------------------------------------------

@@ -17,9 +17,10 @@ import asyncio
 import errno
 import fcntl
 import os
+import queue
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar, cast
 
@@ -31,6 +32,7 @@ T = TypeVar("T")
 # Socket errors that mean the data connection is gone (or timed out), not that the file failed.
 CONNECTION_ERRNOS = {errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT, errno.EAGAIN, errno.ENOTCONN}
 SENDFILE_CHUNK = 1 << 30
+IOV_MAX = 1024
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
@@ -62,7 +64,51 @@ class TransferPump:
         cast(asyncio.Transport, stream.writer.transport).pause_reading()
         return await self._run(stream, idle_seconds, lambda sock: _send_file(sock, fd, offset))
 
-    async def _run(self, stream: ThrottleStreamIO, idle_seconds: float | None, work: Callable[[socket.socket], T]) -> T:
+    async def send_blocks(
+        self, stream: ThrottleStreamIO, blocks: AsyncIterator[list[bytes]], idle_seconds: float | None
+    ) -> int:
+        """Send blocks made on the event loop (say, read from S3) from a worker thread: the loop fetches the
+        next block while the thread copies this one into the socket. At most two blocks wait in between.
+        A block is a list of pieces, sent with one ``sendmsg`` rather than joined (a copy) first."""
+        loop = asyncio.get_running_loop()
+        handoff: queue.Queue[list[bytes] | None] = queue.Queue()
+        room = asyncio.Semaphore(2)
+
+        def sent_one() -> None:
+            loop.call_soon_threadsafe(room.release)
+
+        def consume(sock: socket.socket) -> int:
+            total = 0
+            while (block := handoff.get()) is not None:
+                try:
+                    total += _send_pieces(sock, block)
+                except OSError as exc:
+                    raise _connection_error(exc) from exc
+                finally:
+                    sent_one()
+            return total
+
+        cast(asyncio.Transport, stream.writer.transport).pause_reading()
+
+        async def produce(consumer: asyncio.Future[int]) -> None:
+            try:
+                async for block in blocks:
+                    await room.acquire()
+                    if consumer.done():
+                        return  # the thread stopped: its error is the one to report
+                    handoff.put(block)
+            finally:
+                handoff.put(None)
+
+        return await self._run(stream, idle_seconds, consume, produce)
+
+    async def _run(
+        self,
+        stream: ThrottleStreamIO,
+        idle_seconds: float | None,
+        work: Callable[[socket.socket], T],
+        feed: Callable[[asyncio.Future[T]], Awaitable[None]] | None = None,
+    ) -> T:
         transport_socket = stream.writer.transport.get_extra_info("socket")
         sock = socket.socket(fileno=os.dup(transport_socket.fileno()))
         self._free -= 1
@@ -77,9 +123,11 @@ class TransferPump:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
             future = asyncio.get_running_loop().run_in_executor(self._executor, work, sock)
             try:
+                if feed is not None:
+                    await feed(future)
                 return await asyncio.shield(future)
-            except asyncio.CancelledError:
-                # ABOR or the end of the session: end the blocked call, then let the thread finish.
+            except BaseException:
+                # ABOR, the end of the session, or a failed feed: end the blocked call, let the thread finish.
                 _shutdown(sock)
                 await asyncio.wait({future})
                 if not future.cancelled():
@@ -105,6 +153,18 @@ def _connection_error(exc: OSError) -> DataConnectionError:
     if isinstance(exc, BlockingIOError):
         return DataConnectionError("data connection timed out")
     return DataConnectionError(f"data connection failed: {exc!r}")
+
+
+def _send_pieces(sock: socket.socket, pieces: list[bytes]) -> int:
+    views = [memoryview(piece) for piece in pieces if piece]
+    total = sum(len(view) for view in views)
+    while views:
+        sent = sock.sendmsg(views[:IOV_MAX])
+        while views and sent >= len(views[0]):
+            sent -= len(views.pop(0))
+        if views and sent:
+            views[0] = views[0][sent:]
+    return total
 
 
 def _write_all(fd: int, data: Any) -> None:

@@ -79,10 +79,7 @@ async def running_gateway(settings: Settings) -> AsyncIterator[GatewayServer]:
         stack.push_async_callback(engine.dispose)
         await ensure_schema(engine)
         store = UserStore(engine)
-        users = await store.count()
-        logger.info("%d users in %s", users, display_url(engine.url))
-        if not users:
-            logger.warning("no users yet: add one with 'ftp-gateway user add NAME' (same --database or config)")
+        logger.info("users in %s", display_url(engine.url))
         resources = BackendResources()
         stack.push_async_callback(resources.aclose)
         server = GatewayServer(settings, DatabaseUserManager(store, settings, resources))

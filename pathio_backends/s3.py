@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import io
 import logging
 import os
 import re
@@ -248,11 +249,63 @@ class AbortJanitor:
         return janitor
 
 
+class BlocksIO(io.BytesIO):
+    """A part body made of the blocks received, read without joining them (a join would copy the part once
+    more). A ``BytesIO`` to aiohttp, which then sends it 64 KiB at a time, and seekable for botocore's retries."""
+
+    def __init__(self, blocks: list[bytes]) -> None:
+        super().__init__()
+        self._blocks = blocks
+        self._size = sum(len(block) for block in blocks)
+        self._position = 0
+        self._index = 0  # block that holds self._position
+        self._offset = 0  # where that block starts
+
+    def __len__(self) -> int:
+        return self._size
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        self._position = max(0, min(self._size, base + offset))
+        self._index, self._offset = 0, 0
+        while self._index < len(self._blocks) and self._offset + len(self._blocks[self._index]) <= self._position:
+            self._offset += len(self._blocks[self._index])
+            self._index += 1
+        return self._position
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            size = self._size - self._position
+        pieces = []
+        while size > 0 and self._index < len(self._blocks):
+            block = self._blocks[self._index]
+            start = self._position - self._offset
+            piece = block[start : start + size]
+            pieces.append(piece)
+            self._position += len(piece)
+            size -= len(piece)
+            if self._position - self._offset >= len(block):
+                self._offset += len(block)
+                self._index += 1
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    def getvalue(self) -> bytes:
+        return b"".join(self._blocks)
+
+
 class S3Upload(Upload):
     def __init__(self, ctx: S3Context, key: str) -> None:
         self.ctx = ctx
         self.key = key
-        self.buffer = bytearray()
+        # Blocks received since the last part was sent; joined (one copy) when they make a part.
+        self.pending: list[bytes] = []
+        self.pending_size = 0
         self.upload_id: str | None = None
         self.next_part = 1
         self.parts: list[dict[str, Any]] = []
@@ -305,9 +358,16 @@ class S3Upload(Upload):
         if not task.cancelled() and task.exception() is not None and self.failure is None:
             self.failure = task.exception()
 
-    async def _send_buffered(self, size: int) -> None:
-        body = bytes(self.buffer[:size])
-        del self.buffer[:size]
+    def take_pending(self) -> BlocksIO:
+        body = BlocksIO(self.pending)
+        self.pending = []
+        self.pending_size = 0
+        return body
+
+    async def _send_pending(self) -> None:
+        """Send what was received as the next part: at least the part size (S3 allows parts of unequal size;
+        all but the last must be 5 MiB or more), at most one block more."""
+        body = self.take_pending()
 
         def upload_part(number: int, upload_id: str) -> Awaitable[dict[str, Any]]:
             return self.ctx.call("upload_part", Key=self.key, UploadId=upload_id, PartNumber=number, Body=body)
@@ -341,18 +401,19 @@ class S3Upload(Upload):
 
     async def write(self, data: bytes) -> None:
         self._raise_failure()
-        self.buffer += data
-        while len(self.buffer) >= self._part_size():
-            await self._send_buffered(self._part_size())
+        self.pending.append(data)
+        self.pending_size += len(data)
+        if self.pending_size >= self._part_size():
+            await self._send_pending()
 
     async def commit(self) -> None:
         self._raise_failure()
         if self.upload_id is None:
-            await self.ctx.call("put_object", Key=self.key, Body=bytes(self.buffer), **self.ctx.write_args)
+            await self.ctx.call("put_object", Key=self.key, Body=self.take_pending(), **self.ctx.write_args)
             self.done = True
             return
-        if self.buffer or not (self.parts or self.tasks):
-            await self._send_buffered(len(self.buffer))
+        if self.pending_size or not (self.parts or self.tasks):
+            await self._send_pending()
         if self.tasks:
             await asyncio.wait(set(self.tasks))
         self._raise_failure()
@@ -371,7 +432,7 @@ class S3Upload(Upload):
             task.cancel()
         if self.tasks:
             await asyncio.wait(set(self.tasks))
-        self.buffer.clear()
+        self.pending = []
         if self.upload_id is None or self.done:
             return
         try:
@@ -386,6 +447,9 @@ class S3Upload(Upload):
 
 
 class S3Download(Download):
+    """GetObject's body. aiohttp keeps receiving into its buffer while the caller sends what it has; a read
+    returns what has arrived (up to ``size``) rather than waiting to fill a block, which only costs a copy."""
+
     def __init__(self, body: Any, key: str) -> None:
         self.body = body
         self.key = key
@@ -660,7 +724,7 @@ class S3PathIO(TransactionalPathIO):
             else:
                 response = await self.ctx.call("get_object", Key=key, Range=f"bytes=0-{offset - 1}", IfMatch=etag)
                 async with response["Body"] as body:
-                    upload.buffer += await body.read()
+                    await upload.write(await body.read())
         return upload
 
     async def _begin_download(self, path: Path, *, offset: int) -> Download:

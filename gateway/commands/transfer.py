@@ -9,10 +9,11 @@ connection ends like a finished upload).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable
 from pathlib import Path, PurePosixPath
 from typing import cast
 
@@ -135,6 +136,20 @@ async def open_upload(path_io: AbstractPathIO[Path], real_path: Path, mode: str,
     return file
 
 
+async def gathered(blocks: AsyncIterable[bytes], size: int) -> AsyncIterator[list[bytes]]:
+    """Pieces read from a backend (an HTTP body comes 64 KiB at a time) in lists of about ``size`` bytes."""
+    pieces: list[bytes] = []
+    total = 0
+    async for piece in blocks:
+        pieces.append(piece)
+        total += len(piece)
+        if total >= size or len(pieces) >= 512:
+            yield pieces
+            pieces, total = [], 0
+    if pieces:
+        yield pieces
+
+
 async def native_fd(path_io: AbstractPathIO[Path], file: AsyncPathIOContext) -> int | None:
     if isinstance(path_io, TransactionalPathIO):
         return await path_io.native_fd(cast(FileHandle, file.file))
@@ -243,10 +258,16 @@ class TransferCommands(CommandBase):
                 if offset:
                     await file.seek(offset)
                 fd = await native_fd(connection.path_io, file)
-                if fd is not None and self.pump is not None and self.pump.usable(stream, "write"):
-                    sent = await self.pump.download(stream, fd, offset, connection.socket_timeout)
+                blocks = file.iter_by_block(connection.block_size)
+                if self.pump is not None and self.pump.usable(stream, "write"):
+                    if fd is not None:
+                        sent = await self.pump.download(stream, fd, offset, connection.socket_timeout)
+                    else:
+                        batches = gathered(blocks, connection.block_size)
+                        async with contextlib.aclosing(batches):  # type: ignore[type-var]
+                            sent = await self.pump.send_blocks(stream, batches, connection.socket_timeout)
                 else:
-                    async for block in file.iter_by_block(connection.block_size):
+                    async for block in blocks:
                         await send(stream, block)
                         sent += len(block)
             logger.info("sent %s (%d bytes%s)", virtual_path, sent, f" from {offset}" if offset else "")

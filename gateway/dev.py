@@ -1,0 +1,131 @@
+"""``ftp-gateway dev``: the gateway on an S3 server inside the process (moto), with one ``demo`` user.
+
+For trying the gateway and for developing it: nothing to install or configure. moto keeps the bucket in
+memory, so the files are gone when the command stops; the users stay in ``--data-dir`` if one is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
+
+from gateway.config import DatabaseSettings, S3Settings, Settings, StorageSettings
+from gateway.server import GatewayServer, format_address, running_gateway
+from gateway.users.passwords import Passwords
+from gateway.users.store import UserChanges, UserExists, UserStore
+
+logger = logging.getLogger(__name__)
+
+BUCKET = "ftp-gateway-dev"
+DEMO_USER = "demo"
+# moto accepts any credentials; these are what `aws s3 ls` needs to be given as well.
+ACCESS_KEY = "dev"
+SECRET_KEY = "dev-secret"  # noqa: S105 - for the in-process S3 only
+
+
+class MotoMissing(Exception):
+    pass
+
+
+@contextmanager
+def in_process_s3() -> Iterator[str]:
+    """moto's S3 on a free loopback port, with the dev bucket; yields its endpoint URL."""
+    try:
+        import boto3
+        from moto.server import ThreadedMotoServer
+    except ImportError as exc:
+        raise MotoMissing(f"ftp-gateway dev needs moto: pip install 'ftp-gateway[dev]' ({exc})") from None
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name="us-east-1",
+        )
+        try:
+            client.create_bucket(Bucket=BUCKET)
+        finally:
+            client.close()
+        yield endpoint
+    finally:
+        server.stop()
+
+
+def dev_settings(settings: Settings, endpoint: str, data_dir: Path, database_given: bool) -> Settings:
+    changes: dict[str, Any] = {
+        "storage": StorageSettings(default_uri=f"s3://{BUCKET}/{{username}}"),
+        "s3": S3Settings(
+            endpoint_url=endpoint,
+            region="us-east-1",
+            addressing_style="path",
+            access_key_id=ACCESS_KEY,
+            secret_access_key=SecretStr(SECRET_KEY),
+        ),
+    }
+    if not database_given:
+        changes["database"] = DatabaseSettings(url=f"sqlite:///{data_dir / 'users.db'}")
+    return settings.model_copy(update=changes)
+
+
+async def ensure_demo_user(store: UserStore, password: str) -> None:
+    password_hash = await Passwords().hash(password)
+    try:
+        await store.add(DEMO_USER, password_hash)
+    except UserExists:
+        await store.change(DEMO_USER, UserChanges(password_hash=password_hash, enabled=True))
+
+
+def run(settings: Settings, data_dir: Path | None, password: str, database_given: bool) -> int:
+    with _data_dir(data_dir) as directory, in_process_s3() as endpoint:
+        settings = dev_settings(settings, endpoint, directory, database_given)
+        return asyncio.run(_serve(settings, endpoint, password))
+
+
+@contextmanager
+def _data_dir(given: Path | None) -> Iterator[Path]:
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        yield given
+        return
+    with tempfile.TemporaryDirectory(prefix="ftp-gateway-dev-") as directory:
+        yield Path(directory)
+
+
+async def _serve(settings: Settings, endpoint: str, password: str) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with running_gateway(settings) as server:
+        await ensure_demo_user(server.user_manager.store, password)
+        announce(server, settings, endpoint, password)
+        await stop.wait()
+        logger.info("stopping")
+    return 0
+
+
+def announce(server: GatewayServer, settings: Settings, endpoint: str, password: str) -> None:
+    address = format_address(settings.listen_host, server.server_port)
+    print(f"login: {DEMO_USER} / {password}", flush=True)
+    print(f"S3 endpoint: {endpoint}  bucket: {BUCKET}  (files of user X under s3://{BUCKET}/X/)", flush=True)
+    print(
+        f"  AWS_ACCESS_KEY_ID={ACCESS_KEY} AWS_SECRET_ACCESS_KEY={SECRET_KEY} "
+        f"aws s3 ls --recursive --endpoint-url {endpoint} s3://{BUCKET}/",
+        flush=True,
+    )
+    print(f"try: curl -T somefile ftp://{DEMO_USER}:{password}@{address}/", flush=True)
+    print(f"listening on ftp://{address}", flush=True)
