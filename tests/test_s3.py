@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import errno
 import ftplib
+import io
+import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,6 +18,8 @@ from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.errors import reply_for
 from pathio_backends.s3 import part_size_for, translate
@@ -265,3 +270,65 @@ def test_listing_100000_keys_streams_with_bounded_memory(tmp_path: Path, s3_endp
         process.wait(timeout=30)
         assert process.stdout is not None
         process.stdout.close()
+
+
+def test_listing_sends_no_request_per_entry(s3_gateway: GatewayThread, caplog: pytest.LogCaptureFixture) -> None:
+    """aioftp asks for each listed entry's stat; the answers come from the listing's own page."""
+    s3_gateway.add_user("alice")
+    seed(300, "users/alice/many/file-")
+    client = ftp_login(s3_gateway.host, s3_gateway.port, "alice")
+    with caplog.at_level(logging.INFO, logger="werkzeug"):
+        caplog.clear()
+        assert len(client.list("many")) == 300
+        assert len(client.mlsd("many")) == 300
+        requests = [record.getMessage() for record in caplog.records if record.name == "werkzeug"]
+    client.quit()
+    heads = [r for r in requests if re.search(r"HEAD /\S*/many/file-", r)]
+    listings = [r for r in requests if "list-type=2" in r and "delimiter=/" in r]
+    assert any("HEAD /" in r for r in requests), "the log shows HEAD requests (the check above can see them)"
+    assert heads == []
+    assert len(listings) == 2  # one page of 300 entries for LIST, one for MLSD
+
+
+def test_rename_above_the_copy_limit_copies_in_parts(
+    s3_gateway: GatewayThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CopyObject stops at 5 GiB; above, the copy goes through UploadPartCopy (limit lowered to test it)."""
+    import pathio_backends.s3
+
+    monkeypatch.setattr(pathio_backends.s3, "MAX_PART", 6 * MiB)
+    s3_gateway.add_user("alice")
+    data = random_bytes(11 * MiB, seed=11)
+    client = ftp_login(s3_gateway.host, s3_gateway.port, "alice")
+    client.stor("big.bin", data)
+    client.rename("big.bin", "moved.bin")
+    assert client.retr("moved.bin") == data
+    assert client.list() == {"moved.bin": ("file", 11 * MiB)}
+    assert s3_gateway.files.pending_uploads("alice") == []
+    client.quit()
+
+
+@given(
+    blocks=st.lists(st.binary(max_size=40), max_size=6),
+    operations=st.lists(
+        st.tuples(
+            st.sampled_from(["read", "seek"]), st.integers(min_value=-5, max_value=300), st.sampled_from([0, 1, 2])
+        ),
+        max_size=12,
+    ),
+)
+def test_blocks_io_reads_like_bytes_io(blocks: list[bytes], operations: list[tuple[str, int, int]]) -> None:
+    """A part body made of blocks must read and seek exactly like the joined bytes (botocore seeks to retry)."""
+    from pathio_backends.s3 import BlocksIO
+
+    ours, reference = BlocksIO(list(blocks)), io.BytesIO(b"".join(blocks))
+    assert len(ours) == len(reference.getvalue())
+    for operation, number, whence in operations:
+        if operation == "read":
+            size = number if number >= 0 else -1
+            assert ours.read(size) == reference.read(size)
+        else:
+            target = max(0, reference.seek(0, whence) + number)
+            reference.seek(min(target, len(reference.getvalue())))
+            assert ours.seek(number, whence) == reference.tell()
+        assert ours.tell() == reference.tell()
