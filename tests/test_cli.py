@@ -133,6 +133,10 @@ def test_password_is_never_an_argument(capsys: pytest.CaptureFixture[str], db: s
         ('[passive]\nport_max = "many"\n', "passive.port_max"),
         ('[database]\nurl = "mysql://x/y"\n', "not supported"),
         ('[storage]\ndefault_uri = "gopher://x"\n', "unknown scheme"),
+        ('[storage]\ndefault_uri = "s3://no_such bucket/{username}"\n', "not a valid bucket name"),
+        ('[s3]\nkms_key_id = "k"\n', "kms_key_id needs"),
+        ('[s3]\naccess_key_id = "AKIA"\n', "give both access_key_id and secret_access_key"),
+        ("[s3]\npart_size = 1024\n", "s3.part_size"),
     ],
 )
 def test_bad_config_file(

@@ -332,3 +332,24 @@ def test_blocks_io_reads_like_bytes_io(blocks: list[bytes], operations: list[tup
             reference.seek(min(target, len(reference.getvalue())))
             assert ours.seek(number, whence) == reference.tell()
         assert ours.tell() == reference.tell()
+
+
+def test_failed_complete_is_an_error_reply_not_226(s3_gateway: GatewayThread, monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3 refusing CompleteMultipartUpload (injected: moto never does) must not be reported as a success."""
+    from pathio_backends.s3 import S3Context
+
+    real_call = S3Context.call
+
+    async def failing_complete(self: S3Context, operation: str, **kwargs: object) -> dict[str, object]:
+        if operation == "complete_multipart_upload":
+            raise OSError(errno.EIO, "S3 InternalError", kwargs.get("Key"))
+        return await real_call(self, operation, **kwargs)
+
+    monkeypatch.setattr(S3Context, "call", failing_complete)
+    s3_gateway.add_user("alice")
+    s3_gateway.files.put("alice", "doc.bin", OLD)
+    client = ftp_login(s3_gateway.host, s3_gateway.port, "alice")
+    assert_refused("451", lambda: client.stor("doc.bin", random_bytes(12 * MiB)))
+    assert client.retr("doc.bin") == OLD
+    s3_gateway.wait_for_no_pending_uploads("alice")
+    client.quit()
