@@ -17,16 +17,14 @@ import argparse
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-MB = 1_000_000
-MiB = 1024 * 1024
+from common import MB, MiB, curl, free_port, wait_for_port
+
 VSFTPD_CONFIG = """\
 listen=YES
 listen_address=127.0.0.1
@@ -50,25 +48,6 @@ run_as_launching_user=YES
 secure_chroot_dir={empty}
 xferlog_enable=NO
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited with {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on port {port}")
 
 
 def gateway_command() -> list[str]:
@@ -124,20 +103,6 @@ def start_vsftpd(work: Path) -> tuple[subprocess.Popen[bytes], str] | None:
     process = subprocess.Popen([binary, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for_port(port, process)
     return process, f"ftp://anonymous:bench@127.0.0.1:{port}/"
-
-
-def curl(*args: str) -> tuple[float, float]:
-    """(time_pretransfer, time_total) of one curl run."""
-    result = subprocess.run(
-        ["curl", "--silent", "--show-error", "--write-out", "%{time_pretransfer} %{time_total}", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise SystemExit(f"curl {args} failed: {result.stderr}")
-    pre, total = result.stdout.split()
-    return float(pre), float(total)
 
 
 def measure(url: str, source: Path, size: int, run: int) -> dict[str, tuple[float, float]]:

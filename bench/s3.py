@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,29 +25,12 @@ from pathlib import Path
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
+from common import MB, MiB, free_port, vm_kib, wait_for_port
+from common import curl as timed_curl
 
-MB = 1_000_000
-MiB = 1024 * 1024
 BUCKET = "bench"
 PART_SIZE = 8 * MiB
 PARTS_IN_FLIGHT = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on port {port}")
 
 
 def client_context(endpoint: str):  # type: ignore[no-untyped-def]
@@ -114,16 +96,9 @@ async def make_bucket(endpoint: str) -> None:
 
 
 def curl(*args: str) -> float:
-    result = subprocess.run(
-        ["curl", "--silent", "--show-error", "--write-out", "%{time_pretransfer} %{time_total}", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
-        raise SystemExit(f"curl {args} failed: {result.stderr}")
-    pre, total = result.stdout.split()
-    return float(total) - float(pre)
+    """Seconds of curl's data phase."""
+    pre, total = timed_curl(*args)
+    return total - pre
 
 
 def start_gateway(gateway: str, database: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
@@ -137,13 +112,6 @@ def start_gateway(gateway: str, database: str, env: dict[str, str]) -> tuple[sub
     if not line.startswith("listening on ftp://"):
         raise SystemExit(f"gateway did not start: {line!r}")
     return process, f"ftp://bench:bench-password@127.0.0.1:{line.strip().rsplit(':', 1)[1]}/"
-
-
-def vm_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise SystemExit(f"no {field} in /proc/{pid}/status")
 
 
 def main() -> int:
