@@ -10,6 +10,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import aioftp
 
+from gateway.commands.base import in_order
 from gateway.commands.files import FileCommands
 from gateway.commands.listing import ListingCommands
 from gateway.commands.session import SessionCommands
@@ -55,7 +56,9 @@ class GatewayServer(SessionCommands, TransferCommands, ListingCommands, FileComm
         for cls in reversed(type(self).__mro__):
             for verb, method in getattr(cls, "NEW_COMMANDS", {}).items():
                 self.commands_mapping[verb] = getattr(self, method)
-        self.commands_mapping = {verb: command_errors(verb, handler) for verb, handler in self.commands_mapping.items()}
+        self.commands_mapping = {
+            verb: in_order(command_errors(verb, handler)) for verb, handler in self.commands_mapping.items()
+        }
 
     async def dispatcher(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """aioftp's dispatcher, run as it is. A session cancelled by ``close()`` ends quietly here: Python 3.11's

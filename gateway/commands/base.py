@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import PurePosixPath
@@ -61,6 +62,30 @@ def take_data_connection(connection: aioftp.Connection) -> ThrottleStreamIO:
     stream: ThrottleStreamIO = connection.data_connection
     del connection.data_connection
     return stream
+
+
+Handler = Callable[[aioftp.Connection, Any], Awaitable[bool]]
+
+
+def in_order(handler: Handler) -> Handler:
+    """Run a session's command handlers one at a time, in the order the commands arrived.
+
+    aioftp's dispatcher starts a task per command as soon as it is read, so when a client sends several
+    commands at once (lftp and curl pipeline), a slow one (PASV opening a port) could answer after a fast
+    one that came later (SIZE): the client then pairs replies with the wrong commands. The tasks start in
+    arrival order and an asyncio.Lock is fair, so taking one lock per session restores the order. Transfers
+    run in workers, outside the lock, so ABOR is not held up by them.
+    """
+
+    @functools.wraps(handler)
+    async def ordered(connection: aioftp.Connection, rest: Any) -> bool:
+        lock = get(connection, "command_lock")
+        if lock is None:
+            lock = connection.command_lock = asyncio.Lock()
+        async with lock:
+            return await handler(connection, rest)
+
+    return ordered
 
 
 def start_worker(connection: aioftp.Connection, worker: Awaitable[Any]) -> None:
