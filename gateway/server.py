@@ -11,6 +11,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import aioftp
 
 from gateway.commands.base import in_order
+from gateway.commands.data import DataChannelCommands
 from gateway.commands.files import FileCommands
 from gateway.commands.listing import ListingCommands
 from gateway.commands.session import SessionCommands
@@ -26,7 +27,7 @@ from pathio_backends import BackendResources
 logger = logging.getLogger(__name__)
 
 
-class GatewayServer(SessionCommands, TransferCommands, ListingCommands, FileCommands):
+class GatewayServer(SessionCommands, DataChannelCommands, TransferCommands, ListingCommands, FileCommands):
     """aioftp's server with the gateway's handlers; every handler answers its own errors (gateway.errors)."""
 
     def __init__(self, settings: Settings, user_manager: DatabaseUserManager) -> None:

@@ -312,4 +312,10 @@ class CurlClient:
         pass
 
 
-CLIENTS = {"ftplib": FtplibClient, "aioftp": AioftpClient, "curl": CurlClient}
+CLIENTS: dict[str, Callable[[str, int], FtpClient]] = {
+    "ftplib": FtplibClient,
+    "ftplib-active": lambda host, port: FtplibClient(host, port, passive=False),
+    "aioftp": AioftpClient,
+    "curl": CurlClient,
+    "curl-active": lambda host, port: CurlClient(host, port, active=True),
+}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import ipaddress
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import PurePosixPath
@@ -16,8 +18,24 @@ from gateway.config import Settings
 from gateway.pump import TransferPump
 from gateway.users.manager import DatabaseUserManager
 
+logger = logging.getLogger(__name__)
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 HALF_YEAR_SECONDS = 182.5 * 24 * 3600
+
+
+# A ConnectionConditions field: set by PASV, EPSV, PORT or EPRT, removed when the transfer ends.
+DATA_CHANNEL_READY = aioftp.ConnectionConditions(
+    ("data_channel", ""), fail_code="425", fail_info="Use PASV, EPSV, PORT or EPRT first."
+)
+LOGGED_IN = aioftp.ConnectionConditions(aioftp.ConnectionConditions.login_required)
+
+
+def plain_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address as compared here: an IPv4-mapped IPv6 address is its IPv4 address."""
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 class CommandBase(aioftp.Server):
@@ -27,6 +45,61 @@ class CommandBase(aioftp.Server):
     settings: Settings
     user_manager: DatabaseUserManager
     pump: TransferPump | None
+
+    async def _connect_active(self, connection: aioftp.Connection, host: str, port: int) -> None:
+        """Open the active data connection (from an unprivileged port of the address the client talks to)."""
+        try:
+            async with asyncio.timeout(self.wait_future_timeout):
+                reader, writer = await asyncio.open_connection(host, port, local_addr=(connection.server_host, 0))
+        except (OSError, TimeoutError) as exc:
+            # The transfer's wait for a data connection then ends in 425.
+            logger.warning("active data connection to %s:%s failed: %r", host, port, exc)
+            return
+        if get(connection, "data_channel") != "active" or connection.future.data_connection.done():
+            writer.close()
+            return
+        connection.data_connection = ThrottleStreamIO(
+            reader,
+            writer,
+            throttles=connection.command_connection.throttles,
+            timeout=connection.socket_timeout,
+        )
+
+    def start_transfer(self, connection: aioftp.Connection, worker: Awaitable[object]) -> None:
+        """Hand a transfer worker to the dispatcher (ABOR cancels ``extra_workers``); open the active data
+        connection if the client asked for one; release the data channel when the worker ends."""
+        address = get(connection, "active_address")
+        if get(connection, "data_channel") == "active" and address is not None:
+            connector = asyncio.ensure_future(self._connect_active(connection, *address))
+        else:
+            connector = None
+
+        async def transfer() -> None:
+            try:
+                await worker
+            finally:
+                if connector is not None and not connector.done():
+                    connector.cancel()
+                self._release_data_channel(connection)
+
+        connection.extra_workers.add(asyncio.ensure_future(transfer()))
+
+    def _release_data_channel(self, connection: aioftp.Connection) -> None:
+        """Close the passive listener and return its port; forget an active address or an unused connection.
+
+        The keys are removed, so aioftp's own clean-up at the end of the session finds nothing to return twice.
+        """
+        if get(connection, "passive_server") is not None:
+            connection.passive_server.close()
+            if self.available_data_ports is not None:
+                self.available_data_ports.put_nowait((0, connection.passive_server_port))
+            del connection.passive_server
+        if connection.future.data_connection.done():
+            connection.data_connection.close()
+            del connection.data_connection
+        for name in ("data_channel", "active_address"):
+            if name in connection:
+                del connection[name]
 
 
 def quote_path(path: PurePosixPath | str) -> str:
@@ -86,11 +159,6 @@ def in_order(handler: Handler) -> Handler:
             return await handler(connection, rest)
 
     return ordered
-
-
-def start_worker(connection: aioftp.Connection, worker: Awaitable[Any]) -> None:
-    """Hand a transfer worker to the dispatcher, which waits on ``extra_workers`` (and ABOR cancels them)."""
-    connection.extra_workers.add(asyncio.ensure_future(worker))
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[bool]])

@@ -15,17 +15,24 @@ from pathlib import Path, PurePosixPath
 import aioftp
 from aioftp.common import END_OF_LINE
 
-from gateway.commands.base import CommandBase, checks, get, ls_time, mlsx_time, start_worker, take_data_connection
+from gateway.commands.base import (
+    DATA_CHANNEL_READY,
+    LOGGED_IN,
+    CommandBase,
+    checks,
+    get,
+    ls_time,
+    mlsx_time,
+    take_data_connection,
+)
 from gateway.commands.session import MLST_FACTS
 from gateway.commands.transfer import DATA_CONNECTION, send
 from gateway.errors import transfer_errors
 
 # aioftp's checks for a listing: logged in, PASV/EPSV sent, the path exists and is readable.
 listing_command = checks(
-    aioftp.ConnectionConditions(
-        aioftp.ConnectionConditions.login_required,
-        aioftp.ConnectionConditions.passive_server_started,
-    ),
+    LOGGED_IN,
+    DATA_CHANNEL_READY,
     aioftp.PathConditions(aioftp.PathConditions.path_must_exists),
     aioftp.PathPermissions(aioftp.PathPermissions.readable),
 )
@@ -107,7 +114,7 @@ class ListingCommands(CommandBase):
             connection.response("226", f"{what} sent.")
 
         real_path, _ = self.get_paths(connection, rest)
-        start_worker(connection, listing_worker(self, connection, rest))
+        self.start_transfer(connection, listing_worker(self, connection, rest))
         connection.response("150", f"Here comes the {what.lower()}.")
 
     async def list(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:

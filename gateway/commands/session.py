@@ -27,6 +27,7 @@ NOT_UTF8 = " not-utf8"
 MLST_FACTS = ("type", "size", "modify", "perm")
 
 FEATURES = (
+    "EPRT",
     "EPSV",
     "MDTM",
     "MLST " + "".join(f"{fact}*;" for fact in MLST_FACTS),

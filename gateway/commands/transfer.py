@@ -22,7 +22,7 @@ from aioftp import AbstractPathIO
 from aioftp.common import ThrottleStreamIO
 from aioftp.pathio import AsyncPathIOContext
 
-from gateway.commands.base import CommandBase, checks, get, start_worker, take_data_connection
+from gateway.commands.base import DATA_CHANNEL_READY, LOGGED_IN, CommandBase, checks, get, take_data_connection
 from gateway.errors import DataConnectionError, RestartOffsetError, transfer_errors
 from pathio_backends.base import Entered, FileHandle, TransactionalPathIO, run_to_completion
 
@@ -179,10 +179,8 @@ def take_restart_offset(connection: aioftp.Connection) -> int:
 
 class TransferCommands(CommandBase):
     @checks(
-        aioftp.ConnectionConditions(
-            aioftp.ConnectionConditions.login_required,
-            aioftp.ConnectionConditions.passive_server_started,
-        ),
+        LOGGED_IN,
+        DATA_CHANNEL_READY,
         aioftp.PathPermissions(aioftp.PathPermissions.writable),
     )
     async def stor(self, connection: aioftp.Connection, rest: str | PurePosixPath, mode: str = "wb") -> bool:
@@ -218,7 +216,7 @@ class TransferCommands(CommandBase):
             if offset > size:
                 raise RestartOffsetError(offset, size)
         file = await open_upload(path_io, real_path, mode, offset)
-        start_worker(connection, closing(path_io, file, stor_worker(self, connection, rest)))
+        self.start_transfer(connection, closing(path_io, file, stor_worker(self, connection, rest)))
         connection.response("150", "Ready to receive data.")
         return True
 
@@ -236,10 +234,8 @@ class TransferCommands(CommandBase):
         return await self.stor(connection, rest, "ab")
 
     @checks(
-        aioftp.ConnectionConditions(
-            aioftp.ConnectionConditions.login_required,
-            aioftp.ConnectionConditions.passive_server_started,
-        ),
+        LOGGED_IN,
+        DATA_CHANNEL_READY,
         aioftp.PathConditions(aioftp.PathConditions.path_must_exists, aioftp.PathConditions.path_must_be_file),
         aioftp.PathPermissions(aioftp.PathPermissions.readable),
     )
@@ -275,6 +271,6 @@ class TransferCommands(CommandBase):
             size = (await connection.path_io.stat(real_path)).st_size
             if offset > size:
                 raise RestartOffsetError(offset, size)
-        start_worker(connection, retr_worker(self, connection, rest))
+        self.start_transfer(connection, retr_worker(self, connection, rest))
         connection.response("150", "Opening data connection.")
         return True
