@@ -10,7 +10,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import aioftp
 
-from gateway.commands.base import in_order
+from gateway.commands.base import Handler, get, in_order
+from gateway.commands.basic import ALIASES, NEEDS_ARGUMENT, PUBLIC_VERBS, BasicCommands
 from gateway.commands.data import DataChannelCommands
 from gateway.commands.files import FileCommands
 from gateway.commands.listing import ListingCommands
@@ -27,7 +28,9 @@ from pathio_backends import BackendResources
 logger = logging.getLogger(__name__)
 
 
-class GatewayServer(SessionCommands, DataChannelCommands, TransferCommands, ListingCommands, FileCommands):
+class GatewayServer(
+    SessionCommands, BasicCommands, DataChannelCommands, TransferCommands, ListingCommands, FileCommands
+):
     """aioftp's server with the gateway's handlers; every handler answers its own errors (gateway.errors)."""
 
     def __init__(self, settings: Settings, user_manager: DatabaseUserManager) -> None:
@@ -57,8 +60,10 @@ class GatewayServer(SessionCommands, DataChannelCommands, TransferCommands, List
         for cls in reversed(type(self).__mro__):
             for verb, method in getattr(cls, "NEW_COMMANDS", {}).items():
                 self.commands_mapping[verb] = getattr(self, method)
+        for alias, verb in ALIASES.items():
+            self.commands_mapping[alias] = self.commands_mapping[verb]
         self.commands_mapping = {
-            verb: in_order(command_errors(verb, handler)) for verb, handler in self.commands_mapping.items()
+            verb: in_order(command_errors(verb, gate(verb, handler))) for verb, handler in self.commands_mapping.items()
         }
 
     async def dispatcher(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -68,6 +73,26 @@ class GatewayServer(SessionCommands, DataChannelCommands, TransferCommands, List
             await super().dispatcher(reader, writer)
         except asyncio.CancelledError:
             pass
+
+
+def gate(verb: str, handler: Handler) -> Handler:
+    """What every command is checked for before its handler runs: a login (530, RFC 959's reply for it,
+    where aioftp answers 503), an argument where one is needed (501), no NUL or CR in it (501)."""
+
+    async def gated(connection: aioftp.Connection, rest: str) -> bool:
+        if verb in PUBLIC_VERBS or verb.startswith(" "):
+            return await handler(connection, rest)
+        if not get(connection, "logged"):
+            connection.response("530", "Please log in with USER and PASS.")
+        elif "\x00" in rest or "\r" in rest:
+            connection.response("501", "Arguments may not contain NUL or CR.")
+        elif verb in NEEDS_ARGUMENT and not rest.strip():
+            connection.response("501", f"{verb.upper()} needs an argument.")
+        else:
+            return await handler(connection, rest)
+        return True
+
+    return gated
 
 
 def format_address(host: str | None, port: int) -> str:

@@ -302,6 +302,12 @@ class LocalPathIO(TransactionalPathIO):
         await _run(rename)()
         return destination
 
+    @universal_exception
+    @with_timeout
+    async def chmod(self, path: Path, mode: int) -> None:
+        """SITE CHMOD: the permission bits of a file or directory (a symlink only if it stays in the root)."""
+        await _run(lambda: os.chmod(self._jail.resolve(path), mode))()
+
     # -- transfers -------------------------------------------------------------------------------------
 
     def _prepare_upload(self, path: Path, offset: int, append: bool) -> tuple[int, str, str]:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import ftplib
+import io
 import socket
 from pathlib import Path
 
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.commands.basic import AsciiConverter
 from tests.clients import assert_refused, ftp_login
 from tests.helpers import GatewayThread, gateway_settings, running
 
@@ -140,3 +145,84 @@ def test_passive_port_refuses_a_data_connection_from_another_host(gateway: Gatew
     assert client.ftp.voidresp().startswith("226")
     assert received == b"for alice only"
     client.quit()
+
+
+def test_commands_before_login_get_530_and_unknown_ones_502(gateway: GatewayThread) -> None:
+    gateway.add_user("alice")
+    with RawControl(gateway) as control:
+        control.send("PWD", "CWD /", "LIST", "SIZE x", "MKD x", "SITE HELP", "TYPE I", "PASV", "FROB", "XPWD")
+        assert control.codes(10) == ["530"] * 8 + ["502", "530"]
+        control.send("HELP", "FEAT", "SYST", "NOOP")
+        assert control.codes(4) == ["214", "211", "215", "200"]
+        control.send("USER alice", "PASS secret", "PWD")
+        assert control.codes(3) == ["331", "230", "257"]
+
+
+def test_arguments_and_the_small_commands(backend_gateway: GatewayThread) -> None:
+    backend_gateway.add_user("alice")
+    backend_gateway.files.put("alice", "f.txt", b"data")
+    with RawControl(backend_gateway) as control:
+        control.send("USER alice", "PASS secret")
+        assert control.codes(2) == ["331", "230"]
+        control.send("MKD", "RETR   ", "TYPE X", "TYPE E", "TYPE L 8", "TYPE A N", "TYPE I")
+        assert control.codes(7) == ["501", "501", "501", "504", "200", "200", "200"]
+        control.send("MODE S", "MODE B", "MODE Z", "STRU F", "STRU R", "ALLO 100")
+        assert control.codes(6) == ["200", "504", "501", "200", "504", "202"]
+        control.send("HELP RETR", "HELP FROB", "SITE HELP", "SITE CHMOD 644 f.txt", "SITE CHMOD 99 f.txt")
+        assert control.codes(5) == ["214", "502", "214", "200", "501"]
+        control.send("SITE CHMOD 600 missing", "SITE FROB", "MKD a\x00b", "DELE a\rb")
+        assert control.codes(4) == ["550", "500", "501", "501"]
+        control.send("XMKD d", "XCWD d", "XPWD", "XCUP", "XRMD d", "XPWD")
+        replies = [control.reply() for _ in range(6)]
+        assert [r[:3] for r in replies] == ["257", "250", "257", "250", "250", "257"]
+        assert replies[2].startswith('257 "/d"') and replies[5].startswith('257 "/"')
+
+
+def test_multi_line_replies_are_well_formed(gateway: GatewayThread) -> None:
+    gateway.add_user("alice")
+    with RawControl(gateway) as control:
+        for command in ("HELP", "FEAT"):
+            control.send(command)
+            lines = control.reply().splitlines()
+            code = lines[0][:3]
+            assert lines[0].startswith(code + "-")
+            assert lines[-1].startswith(code + " ")
+            # RFC 959 4.2: inner lines must not look like the end of the reply.
+            assert not any(line.startswith(code + " ") for line in lines[1:-1])
+
+
+def test_ascii_mode_converts_line_endings(backend_gateway: GatewayThread) -> None:
+    backend_gateway.add_user("alice")
+    client = ftp_login(backend_gateway.host, backend_gateway.port, "alice")
+    # storlines sends TYPE A and CRLF line ends, as RFC 959 says text goes on the wire.
+    client.ftp.storlines("STOR notes.txt", io.BytesIO(b"first\nsecond\n\nfourth\n"))
+    assert backend_gateway.files.files("alice") == {"notes.txt": b"first\nsecond\n\nfourth\n"}
+    lines: list[str] = []
+    client.ftp.retrlines("RETR notes.txt", lines.append)
+    assert lines == ["first", "second", "", "fourth"]
+    assert_refused("550", lambda: client.ftp.sendcmd("SIZE notes.txt"))
+    client.ftp.sendcmd("TYPE A")
+    data = client.ftp.transfercmd("RETR notes.txt")
+    received = b""
+    while chunk := data.recv(1024):
+        received += chunk
+    data.close()
+    client.ftp.voidresp()
+    assert received == b"first\r\nsecond\r\n\r\nfourth\r\n"
+    assert client.retr("notes.txt") == b"first\nsecond\n\nfourth\n"  # TYPE I: byte for byte
+    client.quit()
+
+
+@given(st.binary(max_size=200), st.lists(st.integers(min_value=0, max_value=200), max_size=8))
+def test_ascii_conversion_does_not_depend_on_block_boundaries(data: bytes, cuts: list[int]) -> None:
+    edges = sorted({0, len(data), *(min(cut, len(data)) for cut in cuts)})
+    blocks = [data[a:b] for a, b in zip(edges, edges[1:], strict=False)]
+    whole = AsciiConverter()
+    expected_storage = whole.to_storage(data) + whole.flush()
+    pieces = AsciiConverter()
+    assert b"".join(pieces.to_storage(block) for block in blocks) + pieces.flush() == expected_storage
+    assert b"\r\n" not in expected_storage
+    expected_network = AsciiConverter().to_network(data)
+    sender = AsciiConverter()
+    assert b"".join(sender.to_network(block) for block in blocks) == expected_network
+    assert expected_network.replace(b"\r\n", b"").count(b"\n") == 0

@@ -46,7 +46,7 @@ def test_user_needs_a_password_before_anything(db_gateway: GatewayThread) -> Non
     for command in ("PWD", "CWD /", "MKD x", "PASV"):
         with pytest.raises(ftplib.error_perm) as excinfo:
             ftp.sendcmd(command)
-        assert str(excinfo.value).startswith("503"), command
+        assert str(excinfo.value).startswith("530"), command
     with pytest.raises(ftplib.error_perm) as excinfo:
         ftp.sendcmd("PASS wrong")
     assert str(excinfo.value).startswith("530")

@@ -7,6 +7,7 @@ from pathlib import PurePosixPath
 import aioftp
 
 from gateway.commands.base import CommandBase, checks, mlsx_time, quote_path
+from gateway.commands.basic import ascii_mode
 
 
 class FileCommands(CommandBase):
@@ -57,6 +58,10 @@ class FileCommands(CommandBase):
         aioftp.PathPermissions(aioftp.PathPermissions.readable),
     )
     async def size(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
+        if ascii_mode(connection):
+            # The size on the wire would differ from the stored one (vsftpd refuses it as well).
+            connection.response("550", "SIZE is not available in ASCII mode; use TYPE I.")
+            return True
         real_path, _ = self.get_paths(connection, rest)
         connection.response("213", str((await connection.path_io.stat(real_path)).st_size))
         return True

@@ -23,6 +23,7 @@ from aioftp.common import ThrottleStreamIO
 from aioftp.pathio import AsyncPathIOContext
 
 from gateway.commands.base import DATA_CHANNEL_READY, LOGGED_IN, CommandBase, checks, get, take_data_connection
+from gateway.commands.basic import AsciiConverter, ascii_mode
 from gateway.errors import DataConnectionError, RestartOffsetError, transfer_errors
 from pathio_backends.base import Entered, FileHandle, TransactionalPathIO, run_to_completion
 
@@ -190,13 +191,16 @@ class TransferCommands(CommandBase):
         async def stor_worker(self: TransferCommands, connection: aioftp.Connection, rest: str) -> None:
             stream = take_data_connection(connection)
             async with stream, Entered(file):
-                fd = await native_fd(path_io, file)
+                fd = None if ascii else await native_fd(path_io, file)
                 if fd is not None and self.pump is not None and self.pump.usable(stream, "read"):
                     received = await self.pump.upload(stream, fd, connection.block_size, connection.socket_timeout)
                 else:
                     receiver = BlockReceiver(stream, connection.block_size)
+                    converter = AsciiConverter() if ascii else None
                     async for block in receiver:
-                        await file.write(block)
+                        await file.write(converter.to_storage(block) if converter else block)
+                    if converter and (tail := converter.flush()):
+                        await file.write(tail)
                     received = receiver.received
                 if control_connection_lost(connection):
                     raise DataConnectionError("control connection closed before the upload ended")
@@ -204,6 +208,7 @@ class TransferCommands(CommandBase):
             connection.response("226", "Transfer complete.")
 
         offset = take_restart_offset(connection)
+        ascii = ascii_mode(connection)
         real_path, virtual_path = self.get_paths(connection, rest)
         path_io = connection.path_io
         # A missing directory or a directory in the way is found by the backend when the upload opens below
@@ -251,7 +256,12 @@ class TransferCommands(CommandBase):
                     await file.seek(offset)
                 fd = await native_fd(connection.path_io, file)
                 blocks = file.iter_by_block(connection.block_size)
-                if self.pump is not None and self.pump.usable(stream, "write"):
+                if ascii:
+                    converter = AsciiConverter()
+                    async for block in blocks:
+                        await send(stream, converter.to_network(block))
+                        sent += len(block)
+                elif self.pump is not None and self.pump.usable(stream, "write"):
                     if fd is not None:
                         sent = await self.pump.download(stream, fd, offset, connection.socket_timeout)
                     else:
@@ -266,6 +276,7 @@ class TransferCommands(CommandBase):
             connection.response("226", "Transfer complete.")
 
         offset = take_restart_offset(connection)
+        ascii = ascii_mode(connection)
         real_path, virtual_path = self.get_paths(connection, rest)
         if offset:
             size = (await connection.path_io.stat(real_path)).st_size

@@ -1,0 +1,167 @@
+"""The rest of RFC 959 that clients send: TYPE, MODE, STRU, ALLO, HELP, SITE, the X* aliases of RFC 775,
+and ASCII-mode line-ending conversion (CRLF on the wire, LF at rest)."""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+import aioftp
+
+from gateway.commands.base import LOGGED_IN, CommandBase, checks, get
+
+# Verbs that answer before login; every other one gets 530 until PASS succeeded.
+PUBLIC_VERBS = frozenset({"user", "pass", "quit", "feat", "help", "noop", "syst", "opts"})
+# Verbs whose argument may not be empty (501 otherwise).
+NEEDS_ARGUMENT = frozenset(
+    {"user", "cwd", "xcwd", "mkd", "xmkd", "rmd", "xrmd", "dele", "retr", "stor", "appe", "rnfr", "rnto",
+     "size", "mdtm", "rest", "type", "mode", "stru", "port", "eprt", "site", "opts"}
+)  # fmt: skip
+ALIASES = {"xmkd": "mkd", "xrmd": "rmd", "xpwd": "pwd", "xcup": "cdup", "xcwd": "cwd"}
+SYNTAX = {
+    "user": "USER <name>",
+    "pass": "PASS <password>",
+    "cwd": "CWD <directory>",
+    "mkd": "MKD <directory>",
+    "rmd": "RMD <directory>",
+    "dele": "DELE <file>",
+    "retr": "RETR <file>",
+    "stor": "STOR <file>",
+    "appe": "APPE <file>",
+    "rest": "REST <byte offset>",
+    "rnfr": "RNFR <path>",
+    "rnto": "RNTO <path>",
+    "list": "LIST [-options] [path]",
+    "nlst": "NLST [-options] [path]",
+    "mlsd": "MLSD [directory]",
+    "mlst": "MLST [path]",
+    "size": "SIZE <file>",
+    "mdtm": "MDTM <file>",
+    "type": "TYPE {A|I|L 8}",
+    "mode": "MODE S",
+    "stru": "STRU F",
+    "port": "PORT h1,h2,h3,h4,p1,p2",
+    "eprt": "EPRT |protocol|address|port|",
+    "epsv": "EPSV [1|2|ALL]",
+    "opts": "OPTS UTF8 ON | OPTS MLST <facts>",
+    "site": "SITE HELP | SITE CHMOD <mode> <path>",
+    "help": "HELP [command]",
+}
+
+
+class AsciiConverter:
+    """Line endings of one ASCII-mode transfer, fed block by block (a CR LF may straddle two blocks)."""
+
+    def __init__(self) -> None:
+        self._last = b""
+
+    def to_network(self, data: bytes) -> bytes:
+        """LF at rest -> CRLF on the wire; an existing CRLF stays as it is."""
+        out = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if data.startswith(b"\n") and self._last == b"\r":
+            out = out[1:]
+        self._last = data[-1:] or self._last
+        return out
+
+    def to_storage(self, data: bytes) -> bytes:
+        """CRLF on the wire -> LF at rest; a CR that ends a block waits for the next one."""
+        data = self._last + data
+        self._last = b""
+        if data.endswith(b"\r"):
+            data, self._last = data[:-1], b"\r"
+        return data.replace(b"\r\n", b"\n")
+
+    def flush(self) -> bytes:
+        """What is left at the end of an upload (a lone CR)."""
+        left, self._last = self._last, b""
+        return left
+
+
+def ascii_mode(connection: aioftp.Connection) -> bool:
+    return bool(get(connection, "transfer_type") == "A")
+
+
+class BasicCommands(CommandBase):
+    NEW_COMMANDS = {"mode": "mode", "stru": "stru", "allo": "allo", "help": "help", "site": "site"}
+
+    @checks(LOGGED_IN)
+    async def type(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
+        words = str(rest).upper().split()
+        if words in (["I"], ["L", "8"]):
+            connection.transfer_type = "I"
+            connection.response("200", "Switching to Binary mode.")
+        elif words in (["A"], ["A", "N"]):
+            connection.transfer_type = "A"
+            connection.response("200", "Switching to ASCII mode.")
+        elif words and words[0] in ("A", "E", "I", "L"):
+            connection.response("504", f"TYPE {' '.join(words)} is not implemented.")
+        else:
+            connection.response("501", f"TYPE {rest} is not a type.")
+        return True
+
+    async def mode(self, connection: aioftp.Connection, rest: str) -> bool:
+        return self._only(connection, "MODE", rest, "S", "BC")
+
+    async def stru(self, connection: aioftp.Connection, rest: str) -> bool:
+        return self._only(connection, "STRU", rest, "F", "RP")
+
+    @staticmethod
+    def _only(connection: aioftp.Connection, verb: str, rest: str, supported: str, known: str) -> bool:
+        value = rest.strip().upper()
+        if value == supported:
+            connection.response("200", f"{verb} set to {supported}.")
+        elif len(value) == 1 and value in known:
+            connection.response("504", f"{verb} {value} is not implemented; use {supported}.")
+        else:
+            connection.response("501", f"{verb} {rest} is not understood.")
+        return True
+
+    async def allo(self, connection: aioftp.Connection, rest: str) -> bool:
+        connection.response("202", "ALLO is not needed; storage is allocated as data arrives.")
+        return True
+
+    async def help(self, connection: aioftp.Connection, rest: str) -> bool:
+        if rest.strip():
+            verb = rest.split()[0].lower()
+            if verb in self.commands_mapping and not verb.startswith(" "):
+                syntax = SYNTAX.get(ALIASES.get(verb, verb), verb.upper())
+                connection.response("214", f"Syntax: {syntax}")
+            else:
+                connection.response("502", f"Unknown command {rest.split()[0]!r}.")
+            return True
+        verbs = sorted(verb.upper() for verb in self.commands_mapping if not verb.startswith(" "))
+        rows = [" ".join(f"{verb:<5}" for verb in verbs[start : start + 10]) for start in range(0, len(verbs), 10)]
+        connection.response("214", ["The following commands are recognized:", *rows, "Help OK."], True)
+        return True
+
+    @checks(LOGGED_IN)
+    async def site(self, connection: aioftp.Connection, rest: str) -> bool:
+        words = rest.split(" ", 2)
+        command = words[0].upper()
+        if command == "HELP":
+            connection.response("214", "SITE commands: CHMOD <mode> <path>, HELP.")
+        elif command == "CHMOD":
+            await self._chmod(connection, words[1:])
+        else:
+            connection.response("500", f"Unknown SITE command {words[0]!r}.")
+        return True
+
+    async def _chmod(self, connection: aioftp.Connection, arguments: list[str]) -> None:
+        if len(arguments) != 2 or not arguments[1] or not all(c in "01234567" for c in arguments[0]):
+            connection.response("501", "SITE CHMOD needs an octal mode and a path.")
+            return
+        mode = int(arguments[0], 8)
+        if mode > 0o7777:
+            connection.response("501", "SITE CHMOD needs an octal mode of at most 7777.")
+            return
+        real_path, virtual_path = self.get_paths(connection, arguments[1])
+        if not (await connection.user.get_permissions(virtual_path)).writable:
+            connection.response("550", "Permission denied.")
+            return
+        if not await connection.path_io.exists(real_path):
+            connection.response("550", "No such file or directory.")
+            return
+        chmod = getattr(connection.path_io, "chmod", None)
+        if chmod is not None:
+            await chmod(real_path, mode)
+        # Storage without modes (S3) takes it as a no-op: clients that chmod after each upload must not fail.
+        connection.response("200", "SITE CHMOD command ok.")
