@@ -226,3 +226,37 @@ def test_ascii_conversion_does_not_depend_on_block_boundaries(data: bytes, cuts:
     sender = AsciiConverter()
     assert b"".join(sender.to_network(block) for block in blocks) == expected_network
     assert expected_network.replace(b"\r\n", b"").count(b"\n") == 0
+
+
+def test_nlst_and_list_expand_wildcards(backend_gateway: GatewayThread) -> None:
+    backend_gateway.add_user("alice")
+    for name in ("a.txt", "b.txt", "c.log", "sub/d.txt"):
+        backend_gateway.files.put("alice", name, b"x")
+    client = ftp_login(backend_gateway.host, backend_gateway.port, "alice")
+    assert sorted(client.ftp.nlst("*.txt")) == ["a.txt", "b.txt"]
+    assert sorted(client.ftp.nlst("sub/*")) == ["sub/d.txt"]
+    assert sorted(client.ftp.nlst()) == ["a.txt", "b.txt", "c.log", "sub"]
+    assert set(client.list("*.log")) == {"c.log"}
+    assert client.ftp.nlst("*.none") == []
+    client.quit()
+
+
+def test_stat_and_stou(backend_gateway: GatewayThread) -> None:
+    backend_gateway.add_user("alice")
+    backend_gateway.files.put("alice", "report.txt", b"1")
+    client = ftp_login(backend_gateway.host, backend_gateway.port, "alice")
+    status = client.ftp.sendcmd("STAT")
+    assert status.startswith("211-") and "Logged in as alice" in status and status.splitlines()[-1].startswith("211 ")
+    listing = client.ftp.sendcmd("STAT /")
+    assert listing.startswith("213-") and "report.txt" in listing
+    assert_refused("550", lambda: client.ftp.sendcmd("STAT /missing"))
+    replies = []
+    for _ in range(2):
+        data = client.ftp.transfercmd("STOU report.txt")
+        replies.append(client.ftp.lastresp)
+        data.sendall(b"unique")
+        data.close()
+        client.ftp.voidresp()
+    files = backend_gateway.files.files("alice")
+    assert files == {"report.txt": b"1", "report.txt.1": b"unique", "report.txt.2": b"unique"}
+    client.quit()

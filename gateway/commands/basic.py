@@ -45,6 +45,8 @@ SYNTAX = {
     "opts": "OPTS UTF8 ON | OPTS MLST <facts>",
     "site": "SITE HELP | SITE CHMOD <mode> <path>",
     "help": "HELP [command]",
+    "stat": "STAT [path]",
+    "stou": "STOU [name]",
 }
 
 

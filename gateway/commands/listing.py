@@ -6,6 +6,7 @@ from what its listing just returned, so a listing costs one pass over the direct
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import stat
 import time
@@ -38,6 +39,9 @@ listing_command = checks(
 )
 
 
+STAT_MAX_ENTRIES = 10_000
+
+
 def split_list_arguments(rest: str) -> tuple[str, str]:
     """``-la /dir`` to ``("la", "/dir")``: clients send ``ls`` options that LIST itself does not define."""
     flags = ""
@@ -66,19 +70,30 @@ def list_line(path: Path, st: os.stat_result, now: float) -> str:
     )
 
 
+def split_glob(path: str) -> tuple[str, str | None]:
+    """``sub/*.txt`` to ``("sub", "*.txt")``: clients expand ``mget *`` with ``NLST *`` and expect the server to
+    (as vsftpd does). Only the last component may hold ``*``, ``?`` or ``[...]``."""
+    directory, _, name = path.rpartition("/")
+    if any(char in name for char in "*?["):
+        return directory or ("/" if path.startswith("/") else ""), name
+    return path, None
+
+
 class ListingCommands(CommandBase):
-    NEW_COMMANDS = {"nlst": "nlst"}
+    NEW_COMMANDS = {"nlst": "nlst", "stat": "stat"}
 
     async def _entries(
-        self, connection: aioftp.Connection, real_path: Path
+        self, connection: aioftp.Connection, real_path: Path, pattern: str | None = None
     ) -> AsyncIterator[tuple[Path, os.stat_result]]:
-        """The entries of a directory with their stat, or the path itself when it is a file (as ``ls`` does)."""
+        """The entries of a directory with their stat (those matching ``pattern``), or the path itself when it
+        is a file (as ``ls`` does)."""
         path_io = connection.path_io
-        if await path_io.is_file(real_path):
+        if pattern is None and await path_io.is_file(real_path):
             yield real_path, await path_io.stat(real_path)
             return
         async for path in path_io.list(real_path):
-            yield path, await path_io.stat(path)
+            if pattern is None or fnmatch.fnmatchcase(path.name, pattern):
+                yield path, await path_io.stat(path)
 
     async def _mlsx_line(self, connection: aioftp.Connection, path: Path, st: os.stat_result, name: str) -> str:
         """``type=file;size=3;modify=20261125061256;perm=rawdf; name`` with the facts OPTS MLST selected."""
@@ -119,13 +134,13 @@ class ListingCommands(CommandBase):
 
     async def list(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
         _, path = split_list_arguments(str(rest))
-        return await self._list(connection, path)
+        return await self._list(connection, *split_glob(path))
 
     @listing_command
-    async def _list(self, connection: aioftp.Connection, rest: str) -> bool:
+    async def _list(self, connection: aioftp.Connection, rest: str, pattern: str | None) -> bool:
         async def lines(real_path: Path) -> AsyncIterator[str]:
             now = time.time()
-            async for path, st in self._entries(connection, real_path):
+            async for path, st in self._entries(connection, real_path, pattern):
                 yield list_line(path, st, now)
 
         self._send_lines(connection, rest, lines, "Directory listing")
@@ -133,15 +148,54 @@ class ListingCommands(CommandBase):
 
     async def nlst(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
         _, path = split_list_arguments(str(rest))
-        return await self._nlst(connection, path)
+        return await self._nlst(connection, *split_glob(path))
 
     @listing_command
-    async def _nlst(self, connection: aioftp.Connection, rest: str) -> bool:
+    async def _nlst(self, connection: aioftp.Connection, rest: str, pattern: str | None) -> bool:
+        # With a directory before the pattern, names carry it, so that the client can RETR them (mget).
+        prefix = f"{rest.rstrip('/')}/" if pattern is not None and rest else ""
+
         async def lines(real_path: Path) -> AsyncIterator[str]:
-            async for path, _ in self._entries(connection, real_path):
-                yield path.name
+            async for path, _ in self._entries(connection, real_path, pattern):
+                yield prefix + path.name
 
         self._send_lines(connection, rest, lines, "Name list")
+        return True
+
+    async def stat(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
+        """STAT: the session's status, or with a path, its listing on the control connection (RFC 959)."""
+        if not str(rest).strip():
+            user = connection.user.login if get(connection, "logged") else "-"
+            mode = "ASCII" if get(connection, "transfer_type") == "A" else "Binary"
+            status = [
+                "ftp-gateway status:",
+                f"Connected from {connection.client_host}",
+                f"Logged in as {user}",
+                f"TYPE: {mode}, MODE: Stream, STRU: File",
+                f"{len(connection.extra_workers)} transfer(s) in progress",
+                "End of status",
+            ]
+            connection.response("211", status, True)
+            return True
+        _, path = split_list_arguments(str(rest))
+        return await self._stat_path(connection, *split_glob(path))
+
+    @checks(
+        LOGGED_IN,
+        aioftp.PathConditions(aioftp.PathConditions.path_must_exists),
+        aioftp.PathPermissions(aioftp.PathPermissions.readable),
+    )
+    async def _stat_path(self, connection: aioftp.Connection, rest: str, pattern: str | None) -> bool:
+        real_path, virtual_path = self.get_paths(connection, rest)
+        now = time.time()
+        # Replies are kept whole until sent, so a control-connection listing is bounded.
+        lines = []
+        async for path, st in self._entries(connection, real_path, pattern):
+            lines.append(list_line(path, st, now))
+            if len(lines) >= STAT_MAX_ENTRIES:
+                lines.append(f"(first {STAT_MAX_ENTRIES} entries only: use LIST for the rest)")
+                break
+        connection.response("213", [f"Status of {virtual_path}:", *lines, "End of status"], True)
         return True
 
     @listing_command

@@ -34,6 +34,7 @@ FEATURES = (
     "PASV",
     "REST STREAM",
     "SIZE",
+    "TVFS",
     "UTF8",
 )
 

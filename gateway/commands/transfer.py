@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable
 from pathlib import Path, PurePosixPath
 from typing import cast
@@ -179,12 +180,20 @@ def take_restart_offset(connection: aioftp.Connection) -> int:
 
 
 class TransferCommands(CommandBase):
+    NEW_COMMANDS = {"stou": "stou"}
+
     @checks(
         LOGGED_IN,
         DATA_CHANNEL_READY,
         aioftp.PathPermissions(aioftp.PathPermissions.writable),
     )
-    async def stor(self, connection: aioftp.Connection, rest: str | PurePosixPath, mode: str = "wb") -> bool:
+    async def stor(
+        self,
+        connection: aioftp.Connection,
+        rest: str | PurePosixPath,
+        mode: str = "wb",
+        ready: str = "Ready to receive data.",
+    ) -> bool:
         @DATA_CONNECTION
         @aioftp.server.worker
         @transfer_errors
@@ -222,7 +231,18 @@ class TransferCommands(CommandBase):
                 raise RestartOffsetError(offset, size)
         file = await open_upload(path_io, real_path, mode, offset)
         self.start_transfer(connection, closing(path_io, file, stor_worker(self, connection, rest)))
-        connection.response("150", "Ready to receive data.")
+        connection.response("150", ready)
+        return True
+
+    async def stou(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
+        """STOR under a name no file has yet (RFC 959); the 150 reply names it (RFC 1123 4.1.2.9)."""
+        wanted = PurePosixPath(str(rest).strip() or f"ftp-upload-{time.strftime('%Y%m%d-%H%M%S')}")
+        for attempt in range(1000):
+            candidate = wanted if attempt == 0 else wanted.with_name(f"{wanted.name}.{attempt}")
+            real_path, _ = self.get_paths(connection, candidate)
+            if not await connection.path_io.exists(real_path):
+                return await self.stor(connection, candidate, "wb", ready=f"FILE: {candidate}")
+        connection.response("553", "No unique name found.")
         return True
 
     @checks(aioftp.ConnectionConditions(aioftp.ConnectionConditions.login_required))
