@@ -55,15 +55,10 @@ class CommandBase(aioftp.Server):
             # The transfer's wait for a data connection then ends in 425.
             logger.warning("active data connection to %s:%s failed: %r", host, port, exc)
             return
-        if get(connection, "data_channel") != "active" or connection.future.data_connection.done():
+        if get(connection, "data_channel") != "active":
             writer.close()
             return
-        connection.data_connection = ThrottleStreamIO(
-            reader,
-            writer,
-            throttles=connection.command_connection.throttles,
-            timeout=connection.socket_timeout,
-        )
+        attach_data_connection(connection, reader, writer)
 
     def start_transfer(self, connection: aioftp.Connection, worker: Awaitable[object]) -> None:
         """Hand a transfer worker to the dispatcher (ABOR cancels ``extra_workers``); open the active data
@@ -128,6 +123,21 @@ def get(connection: aioftp.Connection, name: str, default: Any = None) -> Any:
     """A value set on the connection, or ``default``: aioftp's ``Connection`` raises for unset names."""
     future = connection.get(name)
     return future.result() if future is not None and future.done() else default
+
+
+def attach_data_connection(
+    connection: aioftp.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Make a new connection the session's data connection (as aioftp does), unless it already has one."""
+    if connection.future.data_connection.done():
+        writer.close()
+        return
+    connection.data_connection = ThrottleStreamIO(
+        reader,
+        writer,
+        throttles=connection.command_connection.throttles,
+        timeout=connection.socket_timeout,
+    )
 
 
 def take_data_connection(connection: aioftp.Connection) -> ThrottleStreamIO:

@@ -19,9 +19,8 @@ import socket
 from pathlib import PurePosixPath
 
 import aioftp
-from aioftp.common import ThrottleStreamIO
 
-from gateway.commands.base import LOGGED_IN, CommandBase, checks, get, plain_ip
+from gateway.commands.base import LOGGED_IN, CommandBase, attach_data_connection, checks, get, plain_ip
 
 logger = logging.getLogger(__name__)
 
@@ -59,19 +58,13 @@ class DataChannelCommands(CommandBase):
 
         async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             peer = writer.get_extra_info("peername")
-            if get(connection, "data_channel") is None or connection.future.data_connection.done():
+            if get(connection, "data_channel") is None:
                 writer.close()
-                return
-            if peer is None or plain_ip(peer[0]) != client:
+            elif peer is None or plain_ip(peer[0]) != client:
                 logger.warning("data connection from %s refused: the session's client is %s", peer, client)
                 writer.close()
-                return
-            connection.data_connection = ThrottleStreamIO(
-                reader,
-                writer,
-                throttles=connection.command_connection.throttles,
-                timeout=connection.socket_timeout,
-            )
+            else:
+                attach_data_connection(connection, reader, writer)
 
         return accept
 
