@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -67,8 +68,12 @@ class GatewayServer(
         }
 
     async def dispatcher(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """aioftp's dispatcher, run as it is. A session cancelled by ``close()`` ends quietly here: Python 3.11's
-        ``start_server`` callback would log the cancelled task as an unhandled error."""
+        """aioftp's dispatcher, run as it is. Around it: urgent data stays in the stream (clients send ABOR as
+        TCP urgent data, whose last byte Linux would otherwise take out of the line), and a session cancelled
+        by ``close()`` ends quietly: Python 3.11's ``start_server`` callback would log it as an error."""
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
         try:
             await super().dispatcher(reader, writer)
         except asyncio.CancelledError:

@@ -8,13 +8,14 @@ from __future__ import annotations
 import asyncio
 import ftplib
 import io
+import os
 import re
 import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Protocol
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import aioftp
 import pytest
@@ -312,10 +313,166 @@ class CurlClient:
         pass
 
 
+def lftp_quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class LftpClient:
+    """lftp, one process per operation (``lftp -c``); the working directory is kept here and cd'ed into."""
+
+    name = "lftp"
+
+    def __init__(self, host: str, port: int) -> None:
+        self.lftp = require_binary("lftp")
+        self.host, self.port = host, port
+        self.directory = PurePosixPath("/")
+        self.user = self.password = ""
+
+    def run(self, *commands: str, directory: PurePosixPath | None = None) -> str:
+        script = "; ".join(
+            [
+                "set ftp:ssl-allow no",
+                "set net:max-retries 1",
+                "set net:timeout 30",
+                "set cmd:fail-exit yes",
+                f"open -u {lftp_quote(self.user)},{lftp_quote(self.password)} -p {self.port} {self.host}",
+                f"cd {lftp_quote(str(directory or self.directory))}",
+                *commands,
+            ]
+        )
+        result = subprocess.run([self.lftp, "-c", script], capture_output=True, timeout=120, check=False)
+        if result.returncode != 0:
+            raise AssertionError(f"lftp {commands} failed: {result.stderr.decode(errors='replace')}")
+        return result.stdout.decode()
+
+    def login(self, user: str, password: str) -> None:
+        self.user, self.password = user, password
+        self.run("ls")
+
+    def mkd(self, path: str) -> None:
+        self.run(f"mkdir {lftp_quote(path)}")
+
+    def cwd(self, path: str) -> None:
+        target = PurePosixPath(os.path.normpath(self.directory / path))
+        self.run("ls", directory=target)
+        self.directory = target
+
+    def pwd(self) -> str:
+        # lftp prints its location as a URL (ftp://user@host:port/path, percent-encoded).
+        url = self.run("pwd").strip()
+        return unquote(url.split(f":{self.port}", 1)[1]) or "/"
+
+    def stor(self, name: str, data: bytes) -> None:
+        with tempfile.NamedTemporaryFile() as source:
+            source.write(data)
+            source.flush()
+            self.run(f"put {source.name} -o {lftp_quote(name)}")
+
+    def retr(self, name: str) -> bytes:
+        with tempfile.TemporaryDirectory() as directory:
+            target = Path(directory) / "out"
+            self.run(f"get {lftp_quote(name)} -o {target}")
+            return target.read_bytes()
+
+    def list(self, path: str = "") -> Listing:
+        return parse_list(self.run(f"ls {lftp_quote(path)}" if path else "ls").splitlines())
+
+    mlsd = list  # lftp lists with LIST; its MLSD use is internal (mirror)
+
+    def rename(self, source: str, destination: str) -> None:
+        self.run(f"mv {lftp_quote(source)} {lftp_quote(destination)}")
+
+    def dele(self, name: str) -> None:
+        self.run(f"rm {lftp_quote(name)}")
+
+    def rmd(self, path: str) -> None:
+        self.run(f"rmdir {lftp_quote(path)}")
+
+    def quit(self) -> None:
+        pass
+
+
+class RcloneClient:
+    """rclone's FTP backend, one process per operation; rclone has no working directory, paths are joined here."""
+
+    name = "rclone"
+
+    def __init__(self, host: str, port: int) -> None:
+        self.rclone = require_binary("rclone")
+        self.host, self.port = host, port
+        self.directory = PurePosixPath("/")
+        self.config = tempfile.NamedTemporaryFile("w", suffix=".conf")  # noqa: SIM115 - closed in quit()
+
+    def run(self, *args: str, stdin: bytes | None = None) -> bytes:
+        result = subprocess.run(
+            [self.rclone, "--config", self.config.name, "--retries", "1", "--low-level-retries", "1", *args],
+            input=stdin,
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise AssertionError(f"rclone {args} failed: {result.stderr.decode(errors='replace')}")
+        return result.stdout
+
+    def remote(self, path: str = "") -> str:
+        return "gw:" + str(self.directory / path if path else self.directory).lstrip("/")
+
+    def login(self, user: str, password: str) -> None:
+        obscured = subprocess.run(
+            [self.rclone, "obscure", password], capture_output=True, check=True, text=True
+        ).stdout.strip()
+        self.config.write(
+            f"[gw]\ntype = ftp\nhost = {self.host}\nport = {self.port}\nuser = {user}\npass = {obscured}\n"
+        )
+        self.config.flush()
+        self.run("lsf", "gw:")
+
+    def mkd(self, path: str) -> None:
+        self.run("mkdir", self.remote(path))
+
+    def cwd(self, path: str) -> None:
+        target = PurePosixPath(os.path.normpath(self.directory / path))
+        self.run("lsf", "gw:" + str(target).lstrip("/"))
+        self.directory = target
+
+    def pwd(self) -> str:
+        return str(self.directory)
+
+    def stor(self, name: str, data: bytes) -> None:
+        self.run("rcat", self.remote(name), stdin=data)
+
+    def retr(self, name: str) -> bytes:
+        return self.run("cat", self.remote(name))
+
+    def list(self, path: str = "") -> Listing:
+        listing: Listing = {}
+        for line in self.run("lsf", "--format", "ps", "--separator", "\t", self.remote(path)).decode().splitlines():
+            name, size = line.rsplit("\t", 1)
+            listing[name.rstrip("/")] = ("dir", 0) if name.endswith("/") else ("file", int(size))
+        return listing
+
+    mlsd = list  # rclone lists with MLSD when FEAT offers it
+
+    def rename(self, source: str, destination: str) -> None:
+        self.run("moveto", self.remote(source), self.remote(destination))
+
+    def dele(self, name: str) -> None:
+        self.run("deletefile", self.remote(name))
+
+    def rmd(self, path: str) -> None:
+        self.run("rmdir", self.remote(path))
+
+    def quit(self) -> None:
+        self.config.close()
+
+
 CLIENTS: dict[str, Callable[[str, int], FtpClient]] = {
     "ftplib": FtplibClient,
     "ftplib-active": lambda host, port: FtplibClient(host, port, passive=False),
     "aioftp": AioftpClient,
     "curl": CurlClient,
     "curl-active": lambda host, port: CurlClient(host, port, active=True),
+    "lftp": LftpClient,
+    "rclone": RcloneClient,
 }

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,3 +80,43 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 def db_gateway(tmp_path: Path, database_url: str) -> Iterator[GatewayThread]:
     with running(gateway_settings(tmp_path, database_url)) as gw:
         yield gw
+
+
+# -- the client compatibility matrix ---------------------------------------------------------------------------
+# Tests marked ``matrix`` record their outcome under (client, backend); the table is printed at the end.
+
+MATRIX: dict[tuple[str, str], str] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "matrix(client): a row of the client compatibility matrix")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    marker = item.get_closest_marker("matrix")
+    if marker is None or call.when not in ("setup", "call"):
+        return
+    report = outcome.get_result()
+    params = getattr(item, "callspec", None)
+    values = params.params if params is not None else {}
+    client = marker.kwargs.get("client") or str(values.get("client", item.name))
+    backend = str(values.get("backend_gateway", values.get("backend", "local")))
+    if report.failed:
+        MATRIX[client, backend] = "FAIL"
+    elif report.skipped:
+        MATRIX.setdefault((client, backend), "skipped")
+    elif call.when == "call":
+        MATRIX.setdefault((client, backend), "pass")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not MATRIX:
+        return
+    clients = sorted({client for client, _ in MATRIX})
+    terminalreporter.write_sep("=", "FTP client compatibility (docs/compatibility.md)")
+    terminalreporter.write_line(f"{'client':24} {'local disk':12} {'S3':12}")
+    for client in clients:
+        local, s3 = MATRIX.get((client, "local"), "-"), MATRIX.get((client, "s3"), "-")
+        terminalreporter.write_line(f"{client:24} {local:12} {s3:12}")

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from gateway.commands.basic import AsciiConverter
 from tests.clients import assert_refused, ftp_login
-from tests.helpers import GatewayThread, gateway_settings, running
+from tests.helpers import GatewayThread, MiB, gateway_settings, random_bytes, running
 
 
 class RawControl:
@@ -260,3 +260,30 @@ def test_stat_and_stou(backend_gateway: GatewayThread) -> None:
     files = backend_gateway.files.files("alice")
     assert files == {"report.txt": b"1", "report.txt.1": b"unique", "report.txt.2": b"unique"}
     client.quit()
+
+
+def test_ftplib_abort_with_urgent_data(backend_gateway: GatewayThread) -> None:
+    """ftplib sends ABOR as TCP urgent data; the session must see the whole line and go on."""
+    backend_gateway.add_user("alice")
+    backend_gateway.files.put("alice", "big.bin", random_bytes(32 * MiB))
+    client = ftp_login(backend_gateway.host, backend_gateway.port, "alice")
+    data = client.ftp.transfercmd("RETR big.bin")
+    data.recv(65536)
+    reply = client.ftp.abort()
+    assert reply[:3] in ("426", "225", "226")
+    data.close()
+    # What is left of the abort's replies comes before the next one (RFC 959: 426 for RETR, 226 for ABOR).
+    while not client.ftp.getline().startswith("226"):
+        pass
+    assert client.ftp.sendcmd("NOOP").startswith("200")
+    client.quit()
+
+
+def test_telnet_interrupt_before_abor_is_ignored(gateway: GatewayThread) -> None:
+    gateway.add_user("alice")
+    with RawControl(gateway) as control:
+        control.send("USER alice", "PASS secret")
+        assert control.codes(2) == ["331", "230"]
+        control.sock.sendall(b"\xff\xf4\xff\xf2ABOR\r\n")  # IAC IP, IAC DM, as BSD ftp sends them
+        control.send("NOOP")
+        assert control.codes(2) == ["226", "200"]

@@ -3,14 +3,17 @@ and ASCII-mode line-ending conversion (CRLF on the wire, LF at rest)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import PurePosixPath
 
 import aioftp
 
 from gateway.commands.base import LOGGED_IN, CommandBase, checks, get
 
+logger = logging.getLogger(__name__)
+
 # Verbs that answer before login; every other one gets 530 until PASS succeeded.
-PUBLIC_VERBS = frozenset({"user", "pass", "quit", "feat", "help", "noop", "syst", "opts"})
+PUBLIC_VERBS = frozenset({"user", "pass", "quit", "feat", "help", "noop", "syst", "opts", "clnt"})
 # Verbs whose argument may not be empty (501 otherwise).
 NEEDS_ARGUMENT = frozenset(
     {"user", "cwd", "xcwd", "mkd", "xmkd", "rmd", "xrmd", "dele", "retr", "stor", "appe", "rnfr", "rnto",
@@ -83,7 +86,7 @@ def ascii_mode(connection: aioftp.Connection) -> bool:
 
 
 class BasicCommands(CommandBase):
-    NEW_COMMANDS = {"mode": "mode", "stru": "stru", "allo": "allo", "help": "help", "site": "site"}
+    NEW_COMMANDS = {"mode": "mode", "stru": "stru", "allo": "allo", "help": "help", "site": "site", "clnt": "clnt"}
 
     @checks(LOGGED_IN)
     async def type(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
@@ -115,6 +118,12 @@ class BasicCommands(CommandBase):
             connection.response("504", f"{verb} {value} is not implemented; use {supported}.")
         else:
             connection.response("501", f"{verb} {rest} is not understood.")
+        return True
+
+    async def clnt(self, connection: aioftp.Connection, rest: str) -> bool:
+        """CLNT (NcFTP and others say which client they are): noted in the log."""
+        logger.info("client says it is %r", rest[:200])
+        connection.response("200", "Noted.")
         return True
 
     async def allo(self, connection: aioftp.Connection, rest: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from pathlib import PurePosixPath
 
 import aioftp
@@ -15,6 +16,8 @@ from gateway.log import session_context
 from gateway.users.manager import GatewayUser, UserDatabaseUnavailable
 
 logger = logging.getLogger(__name__)
+
+TELNET_COMMAND = re.compile(rb"\xff[\xf0-\xff]")
 
 # What parse_command returns instead of a verb when the control connection itself has something to say.
 # A verb never contains a space, so no client can send these.
@@ -56,6 +59,7 @@ class SessionCommands(CommandBase):
         """Read one command. Unlike aioftp's, it never raises: the dispatcher ends a session on any exception,
         so the end of the connection, an idle timeout, an overlong line or bytes that are not UTF-8 come back
         as pseudo-verbs whose handlers answer properly. A running transfer keeps the session from being idle."""
+        line = b""
         while True:
             try:
                 line = await stream.readline()
@@ -71,6 +75,9 @@ class SessionCommands(CommandBase):
             break
         if not line:
             return EOF, ""
+        if b"\xff" in line:
+            # Telnet commands (IAC IP, IAC DM before an ABOR); UTF-8 never has a 0xff byte.
+            line = TELNET_COMMAND.sub(lambda m: b"\xff" if m.group() == b"\xff\xff" else b"", line)
         try:
             text = line.decode(self.encoding)
         except UnicodeDecodeError:
