@@ -65,7 +65,7 @@ def start_gateway(work: Path) -> tuple[subprocess.Popen[bytes], str]:
         env=env,
         stdout=subprocess.DEVNULL,
     )
-    low = free_port() % 20000 + 40000
+    low = free_port() % 10000 + 20000
     process = subprocess.Popen(
         [
             *gateway_command(),
@@ -97,7 +97,7 @@ def start_vsftpd(work: Path) -> tuple[subprocess.Popen[bytes], str] | None:
     root.mkdir()
     empty.mkdir()
     port = free_port()
-    low = port % 20000 + 40100
+    low = port % 10000 + 20100
     config = work / "vsftpd.conf"
     config.write_text(VSFTPD_CONFIG.format(port=port, root=root, empty=empty, pasv_min=low, pasv_max=low + 49))
     process = subprocess.Popen([binary, str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

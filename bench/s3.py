@@ -102,7 +102,7 @@ def curl(*args: str) -> float:
 
 
 def start_gateway(gateway: str, database: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    low = free_port() % 20000 + 40000
+    low = free_port() % 10000 + 20000
     process = subprocess.Popen(
         [gateway, "serve", "--listen", "127.0.0.1:0", "--database", database, "--passive-ports", f"{low}-{low + 49}"],
         stdout=subprocess.PIPE,

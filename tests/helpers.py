@@ -53,7 +53,10 @@ def random_bytes(size: int, seed: int = 0) -> bytes:
 
 
 def free_passive_range(width: int = 50) -> tuple[int, int]:
-    low = random.SystemRandom().randrange(40000, 60000 - width)
+    """A random passive range below the kernel's ephemeral ports, which outgoing connections (curl, moto,
+    the S3 client) take: a port in both could be busy when a test needs it."""
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    low = random.SystemRandom().randrange(10000, ephemeral_low - width)
     return low, low + width - 1
 
 

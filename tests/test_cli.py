@@ -210,7 +210,7 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
     )  # fmt: skip
     process = subprocess.Popen(
         [*gateway_command(), "serve", "--listen", "127.0.0.1:0", "--database", database,
-         "--passive-ports", "47100-47199", "--storage", f"file://{tmp_path}/data/{{username}}"],
+         "--passive-ports", "31100-31199", "--storage", f"file://{tmp_path}/data/{{username}}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     assert process.stdout is not None

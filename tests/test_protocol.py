@@ -101,15 +101,17 @@ def test_no_free_passive_port_is_a_425_not_a_hang_up(tmp_path: Path) -> None:
         gateway.add_user("alice")
         first = ftp_login(gateway.host, gateway.port, "alice")
         second = ftp_login(gateway.host, gateway.port, "alice")
-        first.ftp.sendcmd("PASV")
-        assert_refused("425", lambda: second.ftp.sendcmd("PASV"))
-        assert second.ftp.sendcmd("NOOP").startswith("200")
-        # The port comes back when the first session's transfer is over.
-        lines: list[str] = []
-        first.ftp.retrlines("LIST", lines.append)
-        assert second.list() == {}
-        first.quit()
-        second.quit()
+        try:
+            first.ftp.sendcmd("PASV")
+            assert_refused("425", lambda: second.ftp.sendcmd("PASV"))
+            assert second.ftp.sendcmd("NOOP").startswith("200")
+            # The port comes back when the first session's transfer is over.
+            lines: list[str] = []
+            first.ftp.retrlines("LIST", lines.append)
+            assert second.list() == {}
+        finally:
+            first.ftp.close()
+            second.ftp.close()
 
 
 def test_a_hundred_sessions_share_twenty_passive_ports(tmp_path: Path) -> None:
