@@ -289,3 +289,22 @@ def test_telnet_interrupt_before_abor_is_ignored(gateway: GatewayThread) -> None
         control.sock.sendall(b"\xff\xf4\xff\xf2ABOR\r\n")  # IAC IP, IAC DM, as BSD ftp sends them
         control.send("NOOP")
         assert control.codes(2) == ["226", "200"]
+
+
+def test_names_round_trip_and_overlong_names_get_553(backend_gateway: GatewayThread) -> None:
+    backend_gateway.add_user("alice")
+    client = ftp_login(backend_gateway.host, backend_gateway.port, "alice")
+    names = ["-leading dash", "hash #1", "50% off", "what?", "a+b", "[draft]", "ünïcødé 名前", " spaced"]
+    for name in names:
+        client.ftp.storbinary(f"STOR {name}", io.BytesIO(name.encode()))
+    assert set(client.ftp.nlst()) == set(names)
+    for name in names:
+        buffer = io.BytesIO()
+        client.ftp.retrbinary(f"RETR {name}", buffer.write)
+        assert buffer.getvalue() == name.encode(), name
+    assert backend_gateway.files.files("alice") == {name: name.encode() for name in names}
+    # Longer than a file name may be on disk (255 bytes) and than an S3 key (1024 bytes).
+    assert_refused("553", lambda: client.ftp.storbinary("STOR " + "x" * 1100, io.BytesIO(b"x")))
+    assert_refused("553", lambda: client.ftp.mkd("d" * 1100))
+    assert client.ftp.sendcmd("NOOP").startswith("200")
+    client.quit()
