@@ -85,9 +85,9 @@ def gate(verb: str, handler: Handler) -> Handler:
     where aioftp answers 503), an argument where one is needed (501), no NUL or CR in it (501)."""
 
     async def gated(connection: aioftp.Connection, rest: str) -> bool:
-        if verb in PUBLIC_VERBS or verb.startswith(" "):
-            return await handler(connection, rest)
-        if not get(connection, "logged"):
+        if verb.startswith(" "):
+            return await handler(connection, rest)  # parse_command's pseudo-verbs carry no argument
+        if verb not in PUBLIC_VERBS and not get(connection, "logged"):
             connection.response("530", "Please log in with USER and PASS.")
         elif "\x00" in rest or "\r" in rest:
             connection.response("501", "Arguments may not contain NUL or CR.")

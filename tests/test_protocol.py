@@ -154,8 +154,8 @@ def test_commands_before_login_get_530_and_unknown_ones_502(gateway: GatewayThre
     with RawControl(gateway) as control:
         control.send("PWD", "CWD /", "LIST", "SIZE x", "MKD x", "SITE HELP", "TYPE I", "PASV", "FROB", "XPWD")
         assert control.codes(10) == ["530"] * 8 + ["502", "530"]
-        control.send("HELP", "FEAT", "SYST", "NOOP")
-        assert control.codes(4) == ["214", "211", "215", "200"]
+        control.send("HELP", "FEAT", "SYST", "NOOP", "USER", "OPTS")
+        assert control.codes(6) == ["214", "211", "215", "200", "501", "501"]
         control.send("USER alice", "PASS secret", "PWD")
         assert control.codes(3) == ["331", "230", "257"]
 

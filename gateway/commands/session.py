@@ -110,9 +110,6 @@ class SessionCommands(CommandBase):
         if get(connection, "logged"):
             connection.response("530", "Can't change to another user.")
             return True
-        if not rest:
-            connection.response("501", "USER needs a user name.")
-            return True
         _, pending, _ = await self.user_manager.get_user(rest)
         connection.user = pending
         session_context.set(describe_session(connection))
