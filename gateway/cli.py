@@ -15,11 +15,10 @@ import logging
 import os
 import re
 import secrets
-import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from gateway import __version__
 from gateway import log as gateway_log
@@ -34,6 +33,9 @@ from gateway.users.store import (
     UserStore,
     parse_permission,
 )
+
+if TYPE_CHECKING:
+    from gateway.server import GatewayServer
 
 PROG = "ftp-gateway"
 EXIT_USAGE = 2
@@ -415,23 +417,13 @@ def cmd_user_delete(settings: Settings, args: argparse.Namespace) -> int:
 # -- serve ----------------------------------------------------------------------------------------------
 
 
-def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from gateway.server import format_address, running_gateway
-
-    gateway_log.configure(settings.log.level)
+def serve(settings: Settings, ready: Callable[[GatewayServer], Awaitable[None]]) -> int:
+    """Run a gateway until a signal; a port already in use or any start-up failure is one line."""
+    from gateway.server import serve_until_signalled
 
     async def main() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
         try:
-            async with running_gateway(settings) as server:
-                if not await server.user_manager.store.count():
-                    logger.warning("no users yet: add one with 'ftp-gateway user add NAME' (same --database or config)")
-                print(f"listening on ftp://{format_address(settings.listen_host, server.server_port)}", flush=True)
-                await stop.wait()
-                logger.info("stopping")
+            await serve_until_signalled(settings, ready)
         except OSError as exc:
             if exc.errno is None:
                 raise
@@ -441,19 +433,29 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     return _run(main(), "cannot start")
 
 
+def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.server import format_address
+
+    gateway_log.configure(settings.log.level)
+
+    async def ready(server: GatewayServer) -> None:
+        if not await server.user_manager.store.count():
+            logger.warning("no users yet: add one with 'ftp-gateway user add NAME' (same --database or config)")
+        print(f"listening on ftp://{format_address(settings.listen_host, server.server_port)}", flush=True)
+
+    return serve(settings, ready)
+
+
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     from gateway import dev
 
     password = read_password(args) if args.password_stdin else secrets.token_urlsafe(12)
     gateway_log.configure(settings.log.level)
     try:
-        return dev.run(settings, args.data_dir, password, database_given=bool(args.database))
+        with dev.environment(settings, args.data_dir, bool(args.database)) as (dev_settings, endpoint):
+            return serve(dev_settings, dev.when_ready(dev_settings, endpoint, password))
     except dev.MotoMissing as exc:
         raise CliError(str(exc)) from None
-    except OSError as exc:
-        if exc.errno is None:
-            raise
-        raise CliError(f"cannot listen on {settings.listen}: {os.strerror(exc.errno)}", EXIT_FAILURE) from None
 
 
 # -- entry point ----------------------------------------------------------------------------------------

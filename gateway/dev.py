@@ -6,11 +6,9 @@ memory, so the files are gone when the command stops; the users stay in ``--data
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ from typing import Any
 from pydantic import SecretStr
 
 from gateway.config import DatabaseSettings, S3Settings, Settings, StorageSettings
-from gateway.server import GatewayServer, format_address, running_gateway
+from gateway.server import GatewayServer, format_address
 from gateway.users.passwords import Passwords
 from gateway.users.store import UserChanges, UserExists, UserStore
 
@@ -89,10 +87,11 @@ async def ensure_demo_user(store: UserStore, password: str) -> None:
         await store.change(DEMO_USER, UserChanges(password_hash=password_hash, enabled=True))
 
 
-def run(settings: Settings, data_dir: Path | None, password: str, database_given: bool) -> int:
+@contextmanager
+def environment(settings: Settings, data_dir: Path | None, database_given: bool) -> Iterator[tuple[Settings, str]]:
+    """The data directory and the in-process S3; yields the settings that point at them and S3's endpoint."""
     with _data_dir(data_dir) as directory, in_process_s3() as endpoint:
-        settings = dev_settings(settings, endpoint, directory, database_given)
-        return asyncio.run(_serve(settings, endpoint, password))
+        yield dev_settings(settings, endpoint, directory, database_given), endpoint
 
 
 @contextmanager
@@ -105,17 +104,12 @@ def _data_dir(given: Path | None) -> Iterator[Path]:
         yield Path(directory)
 
 
-async def _serve(settings: Settings, endpoint: str, password: str) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    async with running_gateway(settings) as server:
+def when_ready(settings: Settings, endpoint: str, password: str) -> Callable[[GatewayServer], Awaitable[None]]:
+    async def ready(server: GatewayServer) -> None:
         await ensure_demo_user(server.user_manager.store, password)
         announce(server, settings, endpoint, password)
-        await stop.wait()
-        logger.info("stopping")
-    return 0
+
+    return ready
 
 
 def announce(server: GatewayServer, settings: Settings, endpoint: str, password: str) -> None:

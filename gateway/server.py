@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import aioftp
@@ -103,6 +104,18 @@ def gate(verb: str, handler: Handler) -> Handler:
 def format_address(host: str | None, port: int) -> str:
     host = host or "0.0.0.0"  # noqa: S104 - only for display
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve_until_signalled(settings: Settings, ready: Callable[[GatewayServer], Awaitable[None]]) -> None:
+    """Run the gateway until SIGINT or SIGTERM; ``ready`` runs once it listens (and announces it)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    async with running_gateway(settings) as server:
+        await ready(server)
+        await stop.wait()
+        logger.info("stopping")
 
 
 @asynccontextmanager
