@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import getpass
 import json
 import logging
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
 PROG = "ftp-gateway"
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+# What binding the listening socket fails with (anything else is not about the address).
+LISTEN_ERRNOS = {errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES}
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
@@ -425,8 +428,8 @@ def serve(settings: Settings, ready: Callable[[GatewayServer], Awaitable[None]])
         try:
             await serve_until_signalled(settings, ready)
         except OSError as exc:
-            if exc.errno is None:
-                raise
+            if exc.errno not in LISTEN_ERRNOS:
+                raise  # not the listening socket: a database or storage failure, reported by _run
             raise CliError(f"cannot listen on {settings.listen}: {os.strerror(exc.errno)}", EXIT_FAILURE) from None
         return 0
 

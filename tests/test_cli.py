@@ -277,11 +277,20 @@ def test_postgres_schema_is_checked_and_upgraded(tmp_path: Path) -> None:
         assert added.returncode == 0, added.stderr
 
 
-def test_unreachable_database_is_one_line_exit_1(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["user", "list"], "database unavailable"),
+        (["serve", "--listen", "127.0.0.1:0"], "cannot start"),  # not "cannot listen": the address is fine
+    ],
+)
+def test_unreachable_database_is_one_line_exit_1(argv: list[str], message: str) -> None:
     result = subprocess.run(
-        [*gateway_command(), "user", "list", "--database", "postgresql://postgres@127.0.0.1:9/none"],
+        [*gateway_command(), *argv, "--database", "postgresql://postgres@127.0.0.1:9/none"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 1
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "database unavailable" in result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ftp-gateway: error: {message}"), result.stderr
+    assert len([line for line in result.stderr.splitlines() if "error:" in line]) == 1
