@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import socket
+import stat
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable
 from pathlib import Path, PurePosixPath
@@ -223,12 +224,13 @@ class TransferCommands(CommandBase):
         # A missing directory or a directory in the way is found by the backend when the upload opens below
         # (550 before the 150): asking here as well would cost S3 two more requests per file.
         if offset:
-            if not await path_io.is_file(real_path):
-                connection.response("550", "No such file to restart.")
+            # One stat (a missing file is a 550 from the errors table), not is_file and then stat.
+            st = await path_io.stat(real_path)
+            if not stat.S_ISREG(st.st_mode):
+                connection.response("550", "Not a file to restart.")
                 return True
-            size = (await path_io.stat(real_path)).st_size
-            if offset > size:
-                raise RestartOffsetError(offset, size)
+            if offset > st.st_size:
+                raise RestartOffsetError(offset, st.st_size)
         file = await open_upload(path_io, real_path, mode, offset)
         self.start_transfer(connection, closing(path_io, file, stor_worker(self, connection, rest)))
         connection.response("150", ready)
