@@ -48,6 +48,7 @@ _BY_ERRNO: dict[int, tuple[str, str]] = {
     errno.EFBIG: ("452", "File too large."),
     errno.EMSGSIZE: ("452", "File too large."),
     errno.EROFS: ("550", "Storage is read-only."),
+    errno.EOPNOTSUPP: ("550", "Not supported by this storage."),
     errno.ENXIO: ("451", "Storage unavailable; try again later."),
     errno.ECONNREFUSED: ("451", "Storage unavailable; try again later."),
     errno.EHOSTUNREACH: ("451", "Storage unavailable; try again later."),

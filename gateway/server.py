@@ -14,6 +14,7 @@ import aioftp
 
 from gateway.commands.base import Handler, get, in_order
 from gateway.commands.basic import ALIASES, NEEDS_ARGUMENT, PUBLIC_VERBS, BasicCommands
+from gateway.commands.checksums import ChecksumCommands
 from gateway.commands.data import DataChannelCommands
 from gateway.commands.files import FileCommands
 from gateway.commands.listing import ListingCommands
@@ -23,6 +24,7 @@ from gateway.config import Settings
 from gateway.errors import command_errors
 from gateway.pump import TransferPump
 from gateway.users.db import create_engine, display_url, ensure_schema
+from gateway.users.facts import DatabaseObjectFacts
 from gateway.users.manager import DatabaseUserManager
 from gateway.users.store import UserStore
 from pathio_backends import BackendResources
@@ -31,7 +33,13 @@ logger = logging.getLogger(__name__)
 
 
 class GatewayServer(
-    SessionCommands, BasicCommands, DataChannelCommands, TransferCommands, ListingCommands, FileCommands
+    SessionCommands,
+    BasicCommands,
+    DataChannelCommands,
+    TransferCommands,
+    ListingCommands,
+    FileCommands,
+    ChecksumCommands,
 ):
     """aioftp's server with the gateway's handlers; every handler answers its own errors (gateway.errors)."""
 
@@ -127,7 +135,7 @@ async def running_gateway(settings: Settings) -> AsyncIterator[GatewayServer]:
         await ensure_schema(engine)
         store = UserStore(engine)
         logger.info("users in %s", display_url(engine.url))
-        resources = BackendResources()
+        resources = BackendResources(facts=DatabaseObjectFacts(engine))
         stack.push_async_callback(resources.aclose)
         server = GatewayServer(settings, DatabaseUserManager(store, settings, resources))
         if server.pump is not None:

@@ -12,12 +12,12 @@ from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from pathio_backends.base import StorageFactory
+from pathio_backends.base import ObjectFacts, StorageFactory
 
 if TYPE_CHECKING:
     from gateway.config import Settings
 
-__all__ = ["BackendResources", "StorageFactory", "check_uri", "path_io_factory", "SCHEMES"]
+__all__ = ["BackendResources", "ObjectFacts", "StorageFactory", "check_uri", "path_io_factory", "SCHEMES"]
 T = TypeVar("T")
 
 # scheme -> (module, factory class, pip extra that provides its dependencies)
@@ -29,9 +29,11 @@ SCHEMES: dict[str, tuple[str, str, str | None]] = {
 
 class BackendResources:
     """What the backends of one server share (the S3 client and its connection pool): made on first use,
-    closed with the server. One per server, never module-level, so two servers in a process share nothing."""
+    closed with the server. One per server, never module-level, so two servers in a process share nothing.
+    ``facts`` is where backends keep what their objects cannot hold themselves (the gateway's database)."""
 
-    def __init__(self) -> None:
+    def __init__(self, facts: ObjectFacts | None = None) -> None:
+        self.facts = facts
         self._stack = AsyncExitStack()
         self._made: dict[str, Any] = {}
         self._lock = asyncio.Lock()

@@ -12,13 +12,16 @@ import abc
 import asyncio
 import errno
 import functools
+import hashlib
 import io
 import os
+import threading
 import time
-from collections.abc import Awaitable, Callable
+import zlib
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, Self, TypeVar
 
 from aioftp import AbstractPathIO, Connection
 from aioftp.pathio import AsyncPathIOContext, universal_exception
@@ -32,6 +35,91 @@ P = ParamSpec("P")
 
 # Name of an upload in progress on local disk; hidden from listings and refused as a client's file name.
 RESERVED_PREFIX = ".ftp-gateway-upload."
+# Bytes hashed per worker-thread hop when a digest is computed from a stream.
+HASH_BATCH = 8 * 1024 * 1024
+HASH_READ = 1024 * 1024
+
+
+class Hasher(Protocol):
+    def update(self, data: bytes, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+class Crc32:
+    """CRC-32 (zlib's, as in ZIP and Ethernet) with hashlib's interface."""
+
+    def __init__(self) -> None:
+        self._value = 0
+
+    def update(self, data: bytes, /) -> None:
+        self._value = zlib.crc32(data, self._value)
+
+    def hexdigest(self) -> str:
+        return f"{self._value:08x}"
+
+
+# Digest algorithms a backend computes (names as hashlib's); the FTP names live in gateway.commands.checksums.
+DIGESTS: dict[str, Callable[[], Hasher]] = {
+    "sha256": hashlib.sha256,
+    "sha1": hashlib.sha1,
+    "md5": hashlib.md5,
+    "crc32": Crc32,
+}
+
+
+def update_all(hasher: Hasher, blocks: Iterable[bytes]) -> None:
+    """Feed blocks to a hasher; run in a worker thread (hashlib and zlib release the GIL on large buffers)."""
+    for block in blocks:
+        hasher.update(block)
+
+
+async def hash_stream(read: Callable[[int], Awaitable[bytes]], hasher: Hasher) -> None:
+    """Hash what ``read`` returns until it returns nothing, at most :data:`HASH_BATCH` bytes held at a time;
+    the hashing runs in worker threads, off the event loop."""
+    pending: list[bytes] = []
+    size = 0
+    while block := await read(HASH_READ):
+        pending.append(block)
+        size += len(block)
+        if size >= HASH_BATCH:
+            await asyncio.to_thread(update_all, hasher, pending)
+            pending, size = [], 0
+    if pending:
+        await asyncio.to_thread(update_all, hasher, pending)
+
+
+def _hash_fd(fd: int, offset: int, hasher: Hasher, stop: threading.Event) -> None:
+    while not stop.is_set():
+        block = os.pread(fd, HASH_BATCH, offset)
+        if not block:
+            return
+        hasher.update(block)
+        offset += len(block)
+
+
+@dataclass(frozen=True)
+class ObjectFact:
+    """What the gateway knows of one stored object beyond what a listing says: its SHA-256 (computed while it
+    was uploaded) and a modification time set by MFMT. Valid only while the object still has ``etag``."""
+
+    etag: str
+    sha256: str | None = None
+    mtime: float | None = None
+
+
+class ObjectFacts(Protocol):
+    """Where the facts of a storage's objects are kept (the gateway's database), keyed by container and key.
+    A backend runs without one; it then answers from the objects alone."""
+
+    async def lookup(self, container: str, keys: Sequence[str]) -> dict[str, ObjectFact]: ...
+
+    async def record(self, container: str, key: str, fact: ObjectFact) -> None: ...
+
+    async def move(self, container: str, moves: Sequence[tuple[str, str, str, str]]) -> None:
+        """Carry facts over renames: ``(old key, old etag, new key, new etag)`` each."""
+
+    async def forget(self, container: str, keys: Sequence[str]) -> None: ...
 
 
 def with_timeout(
@@ -277,6 +365,29 @@ class TransactionalPathIO(AbstractPathIO[Path]):
         # Only now: a commit that failed or was cancelled half-way leaves the upload to close(), which aborts it.
         file.finished = True
 
+    # -- file facts ------------------------------------------------------------------------------------
+
+    @universal_exception
+    async def digest(self, path: Path, algorithm: str) -> str:
+        """The hex digest (an algorithm of :data:`DIGESTS`) of a file's content, computed off the event loop
+        with bounded memory: from a descriptor in a worker thread where the backend has one, else streamed.
+        Not bounded by the path timeout: it takes as long as reading the file."""
+        hasher = DIGESTS[algorithm]()
+        async with self.open(path, "rb") as opened:
+            file: FileHandle = opened.file  # type: ignore[assignment]
+            fd = await self.native_fd(file)
+            if fd is None:
+                await hash_stream(functools.partial(self.read, file), hasher)
+            else:
+                await _in_thread_until_done(_hash_fd, fd, file.offset, hasher)
+        return hasher.hexdigest()
+
+    @universal_exception
+    @with_timeout
+    async def set_mtime(self, path: Path, mtime: float) -> None:
+        """MFMT: set a file's modification time (seconds since the epoch, UTC)."""
+        raise OSError(errno.EOPNOTSUPP, "modification times cannot be set on this storage", str(path))
+
     @universal_exception
     async def close(self, file: FileHandle) -> None:  # type: ignore[override]
         """Release the file; an upload that was not committed is aborted."""
@@ -286,6 +397,21 @@ class TransactionalPathIO(AbstractPathIO[Path]):
         if file.download is not None:
             download, file.download = file.download, None
             await download.close()
+
+
+async def _in_thread_until_done(
+    work: Callable[[int, int, Hasher, threading.Event], None], fd: int, offset: int, hasher: Hasher
+) -> None:
+    """Run ``work`` in a thread; if cancelled, tell it to stop and wait for it, so the descriptor it reads is
+    not closed (and perhaps reused) under it."""
+    stop = threading.Event()
+    task = asyncio.ensure_future(asyncio.to_thread(work, fd, offset, hasher, stop))
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        stop.set()
+        await run_to_completion(asyncio.wait({task}))
+        raise
 
 
 class StorageFactory(abc.ABC):

@@ -308,6 +308,18 @@ class LocalPathIO(TransactionalPathIO):
         """SITE CHMOD: the permission bits of a file or directory (a symlink only if it stays in the root)."""
         await _run(lambda: os.chmod(self._jail.resolve(path), mode))()
 
+    @universal_exception
+    @with_timeout
+    async def set_mtime(self, path: Path, mtime: float) -> None:
+        """MFMT: the modification time of a file or directory; its access time is left as it was."""
+        self._forget_listed()
+
+        def utime() -> None:
+            real = self._jail.resolve(path)
+            os.utime(real, ns=(os.stat(real).st_atime_ns, round(mtime * 1e9)))
+
+        await _run(utime)()
+
     # -- transfers -------------------------------------------------------------------------------------
 
     def _prepare_upload(self, path: Path, offset: int, append: bool) -> tuple[int, str, str]:

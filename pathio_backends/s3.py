@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import io
 import logging
+import math
 import os
 import re
 import stat
@@ -46,12 +48,17 @@ from botocore.exceptions import (
 )
 
 from pathio_backends.base import (
+    DIGESTS,
     Download,
+    ObjectFact,
+    ObjectFacts,
     StorageFactory,
     TransactionalPathIO,
     Upload,
     check_name,
+    hash_stream,
     run_to_completion,
+    update_all,
     with_timeout,
 )
 
@@ -71,6 +78,14 @@ MAX_PARTS = 10_000
 PART_GROWTH_EVERY = 950
 MAX_KEY_BYTES = 1024
 BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]")
+
+# User metadata (x-amz-meta-*) the gateway writes and reads. "mtime" (seconds since the epoch, as a decimal) is
+# what rclone's S3 backend and s3fs use too, so times set by either tool show here, and ours there.
+META_SHA256 = "sha256"
+META_MTIME = "mtime"
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+# Content headers a metadata rewrite (MFMT) must give again, or S3 would drop them.
+CONTENT_HEADERS = ("ContentType", "ContentEncoding", "ContentDisposition", "ContentLanguage", "CacheControl")
 
 DIR_MODE = stat.S_IFDIR | 0o755
 FILE_MODE = stat.S_IFREG | 0o644
@@ -138,9 +153,27 @@ def dir_stat() -> os.stat_result:
     return os.stat_result((DIR_MODE, 0, 0, 2, 0, 0, 0, 0, 0, 0))
 
 
-def file_stat(size: int, modified: Any) -> os.stat_result:
-    mtime = modified.timestamp() if modified is not None else 0
+def file_stat(size: int, modified: Any, mtime: float | None = None) -> os.stat_result:
+    """A file's stat: its modification time is ``mtime`` where one was set (MFMT), else S3's LastModified."""
+    if mtime is None:
+        mtime = modified.timestamp() if modified is not None else 0
     return os.stat_result((FILE_MODE, 0, 0, 1, 0, 0, size, mtime, mtime, mtime))
+
+
+def etag_of(response: dict[str, Any]) -> str:
+    return str(response.get("ETag", "")).strip('"')
+
+
+def metadata_mtime(metadata: dict[str, str]) -> float | None:
+    try:
+        value = float(metadata.get(META_MTIME, ""))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def format_mtime(mtime: float) -> str:
+    return f"{mtime:.3f}".rstrip("0").rstrip(".")
 
 
 def first_error(exc: BaseException) -> BaseException:
@@ -165,6 +198,30 @@ class S3Context:
             self.write_args["SSEKMSKeyId"] = settings.kms_key_id
         if settings.storage_class:
             self.write_args["StorageClass"] = settings.storage_class
+        self.facts: ObjectFacts | None = resources.facts
+
+    # -- the object facts store: a help, never a reason to fail ----------------------------------------
+
+    async def facts_lookup(self, keys: Sequence[str]) -> dict[str, ObjectFact]:
+        if self.facts is None or not keys:
+            return {}
+        try:
+            return await self.facts.lookup(self.bucket, keys)
+        except Exception as exc:  # noqa: BLE001 - the objects stay usable without their facts
+            logger.warning("could not read object facts for s3://%s: %s", self.bucket, exc)
+            return {}
+
+    async def facts_valid(self, key: str, etag: str) -> ObjectFact | None:
+        fact = (await self.facts_lookup([key])).get(key)
+        return fact if fact is not None and fact.etag == etag else None
+
+    async def facts_update(self, method: str, *args: Any) -> None:
+        if self.facts is None:
+            return
+        try:
+            await getattr(self.facts, method)(self.bucket, *args)
+        except Exception as exc:  # noqa: BLE001
+            logger.warning("could not %s object facts for s3://%s: %s", method, self.bucket, exc)
 
     async def client(self) -> Any:
         return await self.resources.get("s3", self._make_client)
@@ -313,6 +370,11 @@ class S3Upload(Upload):
         self.slots = asyncio.Semaphore(ctx.settings.parts_in_flight)
         self.failure: BaseException | None = None
         self.done = False
+        # SHA-256 of the whole object, fed a part at a time in worker threads; None once a copied head makes
+        # it unknowable (REST/APPE above 5 MiB, large copies).
+        self.sha256: Any = hashlib.sha256()
+        self.hashing: asyncio.Future[None] | None = None
+        self.etag = ""
 
     # -- parts -----------------------------------------------------------------------------------------
 
@@ -360,9 +422,28 @@ class S3Upload(Upload):
 
     def take_pending(self) -> BlocksIO:
         body = BlocksIO(self.pending)
+        self._hash_later(self.pending)
         self.pending = []
         self.pending_size = 0
         return body
+
+    def _hash_later(self, blocks: list[bytes]) -> None:
+        """Hash these blocks in a thread once the blocks before them are hashed (the order matters)."""
+        if self.sha256 is None or not blocks:
+            return
+        previous = self.hashing
+
+        async def run() -> None:
+            if previous is not None:
+                await previous
+            await asyncio.to_thread(update_all, self.sha256, blocks)
+
+        self.hashing = asyncio.ensure_future(run())
+
+    async def _sha256(self) -> str | None:
+        if self.hashing is not None:
+            await self.hashing
+        return self.sha256.hexdigest() if self.sha256 is not None else None
 
     async def _send_pending(self) -> None:
         """Send what was received as the next part: at least the part size (S3 allows parts of unequal size;
@@ -376,6 +457,7 @@ class S3Upload(Upload):
 
     async def copy_head(self, source_key: str, length: int, etag: str) -> None:
         """The first ``length`` bytes of ``source_key`` (still at ``etag``) as the first parts, copied by S3."""
+        self.sha256 = None
         count = -(-length // MAX_PART)
         step = -(-length // count)
         for start in range(0, length, step):
@@ -407,24 +489,37 @@ class S3Upload(Upload):
             await self._send_pending()
 
     async def commit(self) -> None:
+        """Publish the object (its ETag then in ``self.etag``). Its SHA-256 goes with it: into its metadata when
+        it is sent whole, into the facts store for a multipart upload (whose metadata is fixed before the data
+        comes)."""
         self._raise_failure()
         if self.upload_id is None:
-            await self.ctx.call("put_object", Key=self.key, Body=self.take_pending(), **self.ctx.write_args)
+            body = self.take_pending()
+            sha256 = await self._sha256()
+            metadata = {META_SHA256: sha256} if sha256 else {}
+            response = await self.ctx.call(
+                "put_object", Key=self.key, Body=body, Metadata=metadata, **self.ctx.write_args
+            )
             self.done = True
+            self.etag = etag_of(response)
             return
         if self.pending_size or not (self.parts or self.tasks):
             await self._send_pending()
         if self.tasks:
             await asyncio.wait(set(self.tasks))
         self._raise_failure()
+        sha256 = await self._sha256()
         parts = sorted(self.parts, key=lambda part: part["PartNumber"])
-        await self.ctx.call(
+        response = await self.ctx.call(
             "complete_multipart_upload",
             Key=self.key,
             UploadId=self.upload_id,
             MultipartUpload={"Parts": parts},
         )
         self.done = True
+        self.etag = etag_of(response)
+        if sha256:
+            await self.ctx.facts_update("record", self.key, ObjectFact(etag=self.etag, sha256=sha256))
 
     async def abort(self) -> None:
         logger.debug("aborting upload of %s (multipart %s, done %s)", self.key, self.upload_id, self.done)
@@ -432,6 +527,8 @@ class S3Upload(Upload):
             task.cancel()
         if self.tasks:
             await asyncio.wait(set(self.tasks))
+        if self.hashing is not None:
+            self.hashing.cancel()
         self.pending = []
         if self.upload_id is None or self.done:
             return
@@ -520,7 +617,9 @@ class S3PathIO(TransactionalPathIO):
         if self._is_root(path):
             return None
         head = await self._head(self._key(path))
-        return file_stat(head["ContentLength"], head.get("LastModified")) if head is not None else None
+        if head is None:
+            return None
+        return file_stat(head["ContentLength"], head.get("LastModified"), metadata_mtime(head.get("Metadata", {})))
 
     async def _is_dir(self, path: Path) -> bool:
         return self._is_root(path) or await self._has_keys_under(self._dir_prefix(path))
@@ -618,6 +717,7 @@ class S3PathIO(TransactionalPathIO):
                 raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
             raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
         await self.ctx.call("delete_object", Key=self._key(path))
+        await self.ctx.facts_update("forget", [self._key(path)])
 
     @universal_exception
     async def rename(self, source: Path, destination: Path) -> Path:
@@ -630,26 +730,46 @@ class S3PathIO(TransactionalPathIO):
             raise FileNotFoundError(errno.ENOENT, "no such directory", str(destination.parent))
         head = await self._head(self._key(source))
         if head is not None:
-            await self._copy_object(self._key(source), self._key(destination), head)
-            await self.ctx.call("delete_object", Key=self._key(source))
+            old, new = self._key(source), self._key(destination)
+            etag = await self._copy_object(old, new, head)
+            await self.ctx.call("delete_object", Key=old)
+            await self.ctx.facts_update("move", [(old, etag_of(head), new, etag)])
             return destination
         if not await self._is_dir(source):
             raise FileNotFoundError(errno.ENOENT, "no such file or directory", str(source))
         await self._rename_prefix(self._dir_prefix(source), self._dir_prefix(destination))
         return destination
 
-    async def _copy_object(self, source: str, destination: str, head: dict[str, Any]) -> None:
+    async def _copy_object(
+        self, source: str, destination: str, head: dict[str, Any], metadata: dict[str, str] | None = None
+    ) -> str:
+        """Copy an object inside the bucket (only while it is still at ``head``'s ETag); with ``metadata`` its
+        user metadata is replaced, else kept. Returns the copy's ETag."""
         size = int(head["ContentLength"])
         copy_source = {"Bucket": self.ctx.bucket, "Key": source}
+        content = {field: head[field] for field in CONTENT_HEADERS if head.get(field)}
         if size <= MAX_PART:
-            await self.ctx.call("copy_object", Key=destination, CopySource=copy_source, **self.ctx.write_args)
-            return
-        # Above 5 GiB CopyObject is refused: copy in parts, keeping the object's metadata.
+            extra: dict[str, Any] = {}
+            if metadata is not None:
+                extra = {"MetadataDirective": "REPLACE", "Metadata": metadata, **content}
+            response = await self.ctx.call(
+                "copy_object",
+                Key=destination,
+                CopySource=copy_source,
+                CopySourceIfMatch=str(head["ETag"]),
+                **extra,
+                **self.ctx.write_args,
+            )
+            return etag_of(response.get("CopyObjectResult", {}))
+        # Above 5 GiB CopyObject is refused: copy in parts, keeping the object's metadata and content headers.
+        if metadata is None and "Metadata" not in head:
+            head = await self._head(source) or head  # a listed entry: its metadata is not in the listing
+            content = {field: head[field] for field in CONTENT_HEADERS if head.get(field)}
         upload = S3Upload(self.ctx, destination)
-        upload_args = {"Metadata": head.get("Metadata", {}), **self.ctx.write_args}
-        if head.get("ContentType"):
-            upload_args["ContentType"] = head["ContentType"]
-        response = await run_to_completion(self.ctx.call("create_multipart_upload", Key=destination, **upload_args))
+        upload_args = {"Metadata": head.get("Metadata", {}) if metadata is None else metadata, **content}
+        response = await run_to_completion(
+            self.ctx.call("create_multipart_upload", Key=destination, **upload_args, **self.ctx.write_args)
+        )
         upload.upload_id = str(response["UploadId"])
         try:
             await upload.copy_head(source, size, str(head["ETag"]))
@@ -657,19 +777,24 @@ class S3PathIO(TransactionalPathIO):
         except BaseException:
             await run_to_completion(upload.abort())
             raise
+        return upload.etag
 
     async def _rename_prefix(self, source: str, destination: str) -> None:
         """Copy every key under ``source`` to ``destination`` (concurrently, bounded), then delete the sources.
         A failure on the way deletes the copies made so far and leaves the source as it was. Copies of a page
         are never cancelled half-way: S3 may still finish a request whose client gave up, after the clean-up."""
         attempted: list[str] = []
+        moved: list[tuple[str, str, str, str]] = []
         slots = asyncio.Semaphore(self.ctx.settings.copy_concurrency)
 
         async def copy(item: dict[str, Any]) -> None:
             target = destination + item["Key"][len(source) :]
             async with slots:
                 attempted.append(target)
-                await self._copy_object(item["Key"], target, {"ContentLength": item["Size"], "ETag": item["ETag"]})
+                etag = await self._copy_object(
+                    item["Key"], target, {"ContentLength": item["Size"], "ETag": item["ETag"]}
+                )
+                moved.append((item["Key"], etag_of(item), target, etag))
 
         try:
             async for page in self._pages(source):
@@ -682,6 +807,7 @@ class S3PathIO(TransactionalPathIO):
             raise
         async for page in self._pages(source):
             await self._delete_keys([item["Key"] for item in page])
+        await self.ctx.facts_update("move", moved)
 
     async def _pages(self, prefix: str) -> AsyncIterator[Keys]:
         token: dict[str, str] = {}
@@ -699,6 +825,64 @@ class S3PathIO(TransactionalPathIO):
             if response.get("Errors"):
                 first = response["Errors"][0]
                 raise OSError(errno.EIO, f"S3 could not delete {len(response['Errors'])} keys: {first}", first["Key"])
+
+    # -- file facts ------------------------------------------------------------------------------------
+
+    @universal_exception
+    async def digest(self, path: Path, algorithm: str) -> str:
+        """SHA-256 is looked up where the upload left it (the object's metadata, or the facts store for a
+        multipart upload) and otherwise computed from the object once and remembered for its ETag."""
+        if algorithm != "sha256":
+            return await self._stream_digest(path, algorithm, None)
+        key = self._key(path)
+        head = await self._head(key)
+        if head is None:
+            raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
+        stored = str(head.get("Metadata", {}).get(META_SHA256, "")).lower()
+        if SHA256_HEX.fullmatch(stored):
+            return stored
+        etag = etag_of(head)
+        fact = await self.ctx.facts_valid(key, etag)
+        if fact is not None and fact.sha256:
+            return fact.sha256
+        value = await self._stream_digest(path, algorithm, head)
+        mtime = fact.mtime if fact is not None else None
+        await self.ctx.facts_update("record", key, ObjectFact(etag=etag, sha256=value, mtime=mtime))
+        return value
+
+    async def _stream_digest(self, path: Path, algorithm: str, head: dict[str, Any] | None) -> str:
+        """Read the object through the hash (bounded memory); with ``head``, only while it is at that ETag."""
+        key = self._key(path)
+        hasher = DIGESTS[algorithm]()
+        arguments = {"IfMatch": str(head["ETag"])} if head is not None else {}
+        response = await self.ctx.call("get_object", Key=key, **arguments)
+        download = S3Download(response["Body"], key)
+        try:
+            await hash_stream(download.read, hasher)
+        finally:
+            await download.close()
+        return hasher.hexdigest()
+
+    @universal_exception
+    async def set_mtime(self, path: Path, mtime: float) -> None:
+        """MFMT: the time goes into the object's metadata (a copy onto itself, as S3 cannot change metadata in
+        place) and into the facts store, from which listings take it without a HEAD per entry. No path
+        timeout: the copy takes as long as the object is large (each request is bounded by botocore)."""
+        self._forget_listed()
+        key = self._key(path)
+        head = await self._head(key)
+        if head is None:
+            if await self._is_dir(path):
+                raise OSError(errno.EOPNOTSUPP, "directories on S3 have no modification time", str(path))
+            raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
+        metadata = dict(head.get("Metadata", {}))
+        metadata[META_MTIME] = format_mtime(mtime)
+        fact = await self.ctx.facts_valid(key, etag_of(head))
+        if fact is not None and fact.sha256 and META_SHA256 not in metadata:
+            metadata[META_SHA256] = fact.sha256  # now it can travel with the object
+        etag = await self._copy_object(key, key, head, metadata)
+        sha256 = metadata.get(META_SHA256) if SHA256_HEX.fullmatch(metadata.get(META_SHA256, "")) else None
+        await self.ctx.facts_update("record", key, ObjectFact(etag=etag, sha256=sha256, mtime=mtime))
 
     # -- transfers -------------------------------------------------------------------------------------
 
@@ -752,12 +936,17 @@ class _S3Lister(AbstractAsyncLister[Path]):
         self._token: dict[str, str] | None = {}
         self._batch: list[tuple[str, os.stat_result]] = []
 
-    def _entries(self, prefix: str, response: dict[str, Any]) -> list[tuple[str, os.stat_result]]:
+    @staticmethod
+    def _entries(
+        prefix: str, response: dict[str, Any], facts: dict[str, ObjectFact]
+    ) -> list[tuple[str, os.stat_result]]:
         entries = []
         for common in response.get("CommonPrefixes", []):
             entries.append((common["Prefix"][len(prefix) : -1], dir_stat()))
         for item in response.get("Contents", []):
-            entries.append((item["Key"][len(prefix) :], file_stat(item["Size"], item.get("LastModified"))))
+            fact = facts.get(item["Key"])
+            mtime = fact.mtime if fact is not None and fact.etag == etag_of(item) else None
+            entries.append((item["Key"][len(prefix) :], file_stat(item["Size"], item.get("LastModified"), mtime)))
         # Not representable as an FTP name: empty (the marker itself, "a//b") or with line breaks.
         return sorted((name, st) for name, st in entries if name and not set(name) & {"\r", "\n", "\0"})
 
@@ -775,7 +964,9 @@ class _S3Lister(AbstractAsyncLister[Path]):
             self._token = (
                 {"ContinuationToken": response["NextContinuationToken"]} if response.get("IsTruncated") else None
             )
-            self._batch = self._entries(self._prefix, response)
+            # Times set by MFMT: one query to the facts store per page, not a HEAD per entry.
+            facts = await self._owner.ctx.facts_lookup([item["Key"] for item in response.get("Contents", [])])
+            self._batch = self._entries(self._prefix, response, facts)
             self._owner._remember_listed({self._path / name: st for name, st in self._batch})
             self._batch.reverse()
         name, _ = self._batch.pop()

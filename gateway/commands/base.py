@@ -6,8 +6,10 @@ import asyncio
 import functools
 import ipaddress
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any, ClassVar, TypeVar
 
@@ -29,6 +31,21 @@ DATA_CHANNEL_READY = aioftp.ConnectionConditions(
 )
 LOGGED_IN = aioftp.ConnectionConditions(aioftp.ConnectionConditions.login_required)
 
+# RFC 3659 time-val: YYYYMMDDHHMMSS[.sss], UTC.
+TIME_VAL = re.compile(r"(\d{14})(?:\.(\d{1,9}))?")
+
+
+def parse_time_val(text: str) -> float | None:
+    """Seconds since the epoch for an RFC 3659 time-val, or None if it is not one (or not a real date)."""
+    match = TIME_VAL.fullmatch(text)
+    if match is None:
+        return None
+    try:
+        moment = datetime.strptime(match.group(1), "%Y%m%d%H%M%S").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+    return moment.timestamp() + float("0." + (match.group(2) or "0"))
+
 
 def plain_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """An address as compared here: an IPv4-mapped IPv6 address is its IPv4 address."""
@@ -45,6 +62,18 @@ class CommandBase(aioftp.Server):
     settings: Settings
     user_manager: DatabaseUserManager
     pump: TransferPump | None
+
+    async def set_mtime(self, connection: aioftp.Connection, path: str, mtime: float, code: str, text: str) -> bool:
+        """Set the time of ``path`` if the user may write there; used by MFMT, MDTM with a time and SITE UTIME."""
+        real_path, virtual_path = self.get_paths(connection, path)
+        if not (await connection.user.get_permissions(virtual_path)).writable:
+            connection.response("550", "Permission denied.")
+        elif not await connection.path_io.exists(real_path):
+            connection.response("550", "No such file or directory.")
+        else:
+            await connection.path_io.set_mtime(real_path, mtime)
+            connection.response(code, text)
+        return True
 
     async def _connect_active(self, connection: aioftp.Connection, host: str, port: int) -> None:
         """Open the active data connection (from an unprivileged port of the address the client talks to)."""

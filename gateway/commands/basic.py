@@ -8,7 +8,7 @@ from pathlib import PurePosixPath
 
 import aioftp
 
-from gateway.commands.base import LOGGED_IN, CommandBase, checks, get
+from gateway.commands.base import LOGGED_IN, CommandBase, checks, get, parse_time_val
 
 logger = logging.getLogger(__name__)
 
@@ -17,7 +17,8 @@ PUBLIC_VERBS = frozenset({"user", "pass", "quit", "feat", "help", "noop", "syst"
 # Verbs whose argument may not be empty (501 otherwise).
 NEEDS_ARGUMENT = frozenset(
     {"user", "cwd", "xcwd", "mkd", "xmkd", "rmd", "xrmd", "dele", "retr", "stor", "appe", "rnfr", "rnto",
-     "size", "mdtm", "rest", "type", "mode", "stru", "port", "eprt", "site", "opts"}
+     "size", "mdtm", "mfmt", "rest", "type", "mode", "stru", "port", "eprt", "site", "opts",
+     "hash", "xsha256", "xsha1", "xmd5", "xcrc"}
 )  # fmt: skip
 ALIASES = {"xmkd": "mkd", "xrmd": "rmd", "xpwd": "pwd", "xcup": "cdup", "xcwd": "cwd"}
 SYNTAX = {
@@ -38,15 +39,21 @@ SYNTAX = {
     "mlsd": "MLSD [directory]",
     "mlst": "MLST [path]",
     "size": "SIZE <file>",
-    "mdtm": "MDTM <file>",
+    "mdtm": "MDTM <file> | MDTM YYYYMMDDHHMMSS <file>",
+    "mfmt": "MFMT YYYYMMDDHHMMSS[.sss] <path>",
+    "hash": "HASH <file> (algorithm: OPTS HASH)",
+    "xsha256": "XSHA256 <file>",
+    "xsha1": "XSHA1 <file>",
+    "xmd5": "XMD5 <file>",
+    "xcrc": "XCRC <file>",
     "type": "TYPE {A|I|L 8}",
     "mode": "MODE S",
     "stru": "STRU F",
     "port": "PORT h1,h2,h3,h4,p1,p2",
     "eprt": "EPRT |protocol|address|port|",
     "epsv": "EPSV [1|2|ALL]",
-    "opts": "OPTS UTF8 ON | OPTS MLST <facts>",
-    "site": "SITE HELP | SITE CHMOD <mode> <path>",
+    "opts": "OPTS UTF8 ON | OPTS MLST <facts> | OPTS HASH [SHA-256|SHA-1|MD5|CRC32]",
+    "site": "SITE HELP | SITE CHMOD <mode> <path> | SITE UTIME YYYYMMDDHHMM[SS] <path>",
     "help": "HELP [command]",
     "stat": "STAT [path]",
     "stou": "STOU [name]",
@@ -149,12 +156,29 @@ class BasicCommands(CommandBase):
         words = rest.split(" ", 2)
         command = words[0].upper()
         if command == "HELP":
-            connection.response("214", "SITE commands: CHMOD <mode> <path>, HELP.")
+            connection.response("214", "SITE commands: CHMOD <mode> <path>, UTIME <time> <path>, HELP.")
         elif command == "CHMOD":
             await self._chmod(connection, words[1:])
+        elif command == "UTIME":
+            await self._utime(connection, rest.partition(" ")[2])
         else:
             connection.response("500", f"Unknown SITE command {words[0]!r}.")
         return True
+
+    async def _utime(self, connection: aioftp.Connection, arguments: str) -> None:
+        """SITE UTIME as ProFTPD's mod_site_misc has it: ``<YYYYMMDDhhmm[ss]> <path>`` or
+        ``<path> <atime> <mtime> <ctime> UTC`` (NcFTP sends the latter). Only the modification time is kept."""
+        when, _, path = arguments.partition(" ")
+        words = arguments.rsplit(" ", 4)
+        if len(words) == 5 and words[4].upper() == "UTC" and parse_time_val(words[2]) is not None:
+            path, when = words[0], words[2]
+        elif len(when) == 12 and when.isdigit():
+            when += "00"
+        mtime = parse_time_val(when)
+        if mtime is None or not path:
+            connection.response("501", "Syntax: SITE UTIME YYYYMMDDhhmm[ss] <path> (UTC).")
+            return
+        await self.set_mtime(connection, path, mtime, "200", "SITE UTIME command ok.")
 
     async def _chmod(self, connection: aioftp.Connection, arguments: list[str]) -> None:
         if len(arguments) != 2 or not arguments[1] or not all(c in "01234567" for c in arguments[0]):

@@ -1,4 +1,4 @@
-"""MKD, RNTO, SIZE and MDTM (aioftp's CWD, CDUP, RMD, DELE and RNFR are used as they are)."""
+"""MKD, RNTO, SIZE, MDTM and MFMT (aioftp's CWD, CDUP, RMD, DELE and RNFR are used as they are)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ from pathlib import PurePosixPath
 
 import aioftp
 
-from gateway.commands.base import CommandBase, checks, mlsx_time, quote_path
+from gateway.commands.base import CommandBase, checks, mlsx_time, parse_time_val, quote_path
 from gateway.commands.basic import ascii_mode
 
 
 class FileCommands(CommandBase):
-    NEW_COMMANDS = {"size": "size", "mdtm": "mdtm"}
+    NEW_COMMANDS = {"size": "size", "mdtm": "mdtm", "mfmt": "mfmt"}
 
     @checks(
         aioftp.ConnectionConditions(aioftp.ConnectionConditions.login_required),
@@ -66,12 +66,31 @@ class FileCommands(CommandBase):
         connection.response("213", str((await connection.path_io.stat(real_path)).st_size))
         return True
 
+    async def mdtm(self, connection: aioftp.Connection, rest: str) -> bool:
+        # "MDTM YYYYMMDDHHMMSS path" sets the time (vsftpd, Pure-FTPd and the clients that use them), unless
+        # the whole argument names an existing file (a file may be called "20240101000000 x").
+        when, _, path = rest.partition(" ")
+        mtime = parse_time_val(when)
+        if mtime is not None and path:
+            real_path, _ = self.get_paths(connection, rest)
+            if not await connection.path_io.exists(real_path):
+                return await self.set_mtime(connection, path, mtime, "213", f"Modify={when}; {path}")
+        return await self._mdtm(connection, rest)
+
     @checks(
-        aioftp.ConnectionConditions(aioftp.ConnectionConditions.login_required),
         aioftp.PathConditions(aioftp.PathConditions.path_must_exists, aioftp.PathConditions.path_must_be_file),
         aioftp.PathPermissions(aioftp.PathPermissions.readable),
     )
-    async def mdtm(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
+    async def _mdtm(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
         real_path, _ = self.get_paths(connection, rest)
         connection.response("213", mlsx_time((await connection.path_io.stat(real_path)).st_mtime))
         return True
+
+    async def mfmt(self, connection: aioftp.Connection, rest: str) -> bool:
+        """MFMT YYYYMMDDHHMMSS[.sss] path (draft-somers-ftp-mfxx): set a file's modification time."""
+        when, _, path = rest.partition(" ")
+        mtime = parse_time_val(when)
+        if mtime is None or not path:
+            connection.response("501", "Syntax: MFMT YYYYMMDDHHMMSS path (UTC).")
+            return True
+        return await self.set_mtime(connection, path, mtime, "213", f"Modify={when}; {path}")

@@ -11,6 +11,7 @@ import aioftp
 from aioftp.common import StreamThrottle
 
 from gateway.commands.base import CommandBase, checks, get, quote_path
+from gateway.commands.checksums import hash_feature, opts_hash, selected_algorithm
 from gateway.errors import describe_session
 from gateway.log import session_context
 from gateway.users.manager import GatewayUser, UserDatabaseUnavailable
@@ -33,6 +34,7 @@ FEATURES = (
     "EPRT",
     "EPSV",
     "MDTM",
+    "MFMT",
     "MLST " + "".join(f"{fact}*;" for fact in MLST_FACTS),
     "PASV",
     "REST STREAM",
@@ -65,7 +67,9 @@ class SessionCommands(CommandBase):
                 line = await stream.readline()
             except TimeoutError:
                 connection = self.connections.get(stream)
-                if connection is not None and connection.extra_workers:
+                # A transfer or a long command (HASH of a large file) keeps the session from being idle.
+                lock = get(connection, "command_lock") if connection is not None else None
+                if connection is not None and (connection.extra_workers or (lock is not None and lock.locked())):
                     continue
                 return IDLE, ""
             except ValueError:
@@ -206,7 +210,8 @@ class SessionCommands(CommandBase):
         return True
 
     async def feat(self, connection: aioftp.Connection, rest: str) -> bool:
-        connection.response("211", ["Features:", *FEATURES, "End"], True)
+        features = sorted([*FEATURES, hash_feature(selected_algorithm(connection))])
+        connection.response("211", ["Features:", *features, "End"], True)
         return True
 
     async def opts(self, connection: aioftp.Connection, rest: str) -> bool:
@@ -214,6 +219,8 @@ class SessionCommands(CommandBase):
         option = option.upper()
         if option == "UTF8" and value.upper() in ("ON", ""):
             connection.response("200", "UTF-8 is always on.")
+        elif option == "HASH":
+            opts_hash(connection, value)
         elif option == "MLST":
             # RFC 3659 7.9: unknown facts are dropped silently; the reply names the facts now in use.
             wanted = {fact.lower() for fact in value.split(";") if fact}

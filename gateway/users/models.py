@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Integer, String, UniqueConstraint, func
+from sqlalchemy import BigInteger, Boolean, DateTime, Double, ForeignKey, Integer, String, UniqueConstraint, func
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -67,3 +67,21 @@ class PermissionRow(Base):
     writable: Mapped[bool] = mapped_column(Boolean)
 
     user: Mapped[UserRow] = relationship(back_populates="permissions")
+
+
+class ObjectFactRow(Base):
+    """What the gateway knows of a stored object that the object cannot hold or a listing does not return: the
+    SHA-256 of a multipart upload (whose metadata is fixed before its data arrives) and a time set by MFMT (so
+    LIST shows it without a HEAD per entry). A row counts only while the object still has ``etag``; rows of
+    objects changed or deleted behind the gateway's back are thereby ignored."""
+
+    __tablename__ = "ftp_object_facts"
+
+    # The bucket (or another backend's container) and the object's key.
+    container: Mapped[str] = mapped_column(String(255), primary_key=True)
+    key: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    etag: Mapped[str] = mapped_column(String(128))
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    # Seconds since the epoch, UTC.
+    mtime: Mapped[float | None] = mapped_column(Double)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=func.now())

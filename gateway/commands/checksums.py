@@ -1,0 +1,119 @@
+"""HASH (draft-bryan-ftpext-hash) and the older XSHA256, XSHA1, XMD5 and XCRC: a file's digest over the
+control connection, so a client can check a transfer without downloading the file again.
+
+The storage computes the digest (``TransactionalPathIO.digest``): local disk reads the file in a worker
+thread; S3 answers SHA-256 from what the upload stored and streams the object otherwise.
+"""
+
+from __future__ import annotations
+
+import stat
+from pathlib import PurePosixPath
+
+import aioftp
+
+from gateway.commands.base import CommandBase, get
+
+# FTP name (IANA "Hash Function Textual Names") -> the storage's algorithm name.
+ALGORITHMS = {"SHA-256": "sha256", "SHA-1": "sha1", "MD5": "md5", "CRC32": "crc32"}
+DEFAULT_ALGORITHM = "SHA-256"
+
+
+def selected_algorithm(connection: aioftp.Connection) -> str:
+    return str(get(connection, "hash_algorithm", DEFAULT_ALGORITHM))
+
+
+def hash_feature(selected: str = DEFAULT_ALGORITHM) -> str:
+    """The FEAT line: every algorithm, the one HASH uses now marked with ``*``."""
+    return "HASH " + ";".join(name + ("*" if name == selected else "") for name in ALGORITHMS)
+
+
+def opts_hash(connection: aioftp.Connection, value: str) -> None:
+    """OPTS HASH [algorithm]: without one, name the algorithm in use; with one, switch to it."""
+    name = value.strip().upper()
+    if not name:
+        connection.response("200", selected_algorithm(connection))
+    elif name in ALGORITHMS:
+        connection.hash_algorithm = name
+        connection.response("200", name)
+    else:
+        connection.response("501", f"Unknown algorithm {value.strip()!r}; the selection is unchanged.")
+
+
+def split_x_arguments(rest: str) -> tuple[str, list[str]]:
+    """``XCRC "name with spaces" [start end]`` or ``XCRC name``: the path and any range words."""
+    text = rest.strip()
+    if text.startswith('"') and '"' in text[1:]:
+        end = text.index('"', 1)
+        return text[1:end], text[end + 1 :].split()
+    words = text.rsplit(" ", 2)
+    if len(words) == 3 and words[1].isdigit() and words[2].isdigit():
+        return words[0], words[1:]
+    return text, []
+
+
+class ChecksumCommands(CommandBase):
+    NEW_COMMANDS = {
+        "hash": "hash",
+        "rang": "rang",
+        "xsha256": "xsha256",
+        "xsha1": "xsha1",
+        "xmd5": "xmd5",
+        "xcrc": "xcrc",
+    }
+
+    async def _digest(
+        self, connection: aioftp.Connection, path: str | PurePosixPath, name: str, not_a_file: str
+    ) -> tuple[str, int] | None:
+        """The digest and size of a file, or None after answering why not (``not_a_file``: the reply code
+        for a directory, 553 for HASH as the draft says, 550 for the X commands)."""
+        real_path, virtual_path = self.get_paths(connection, path)
+        if not (await connection.user.get_permissions(virtual_path)).readable:
+            connection.response("550", "Permission denied.")
+            return None
+        path_io = connection.path_io
+        info = await path_io.stat(real_path)  # a missing file: 550 from gateway.errors
+        if not stat.S_ISREG(info.st_mode):
+            connection.response(not_a_file, "Not a regular file.")
+            return None
+        return await path_io.digest(real_path, ALGORITHMS[name]), info.st_size
+
+    async def hash(self, connection: aioftp.Connection, rest: str) -> bool:
+        name = selected_algorithm(connection)
+        found = await self._digest(connection, rest, name, "553")
+        if found is not None:
+            digest, size = found
+            connection.response("213", f"{name} 0-{size} {digest} {rest}")
+        return True
+
+    async def rang(self, connection: aioftp.Connection, rest: str) -> bool:
+        connection.response("504", "RANG is not supported: HASH covers whole files.")
+        return True
+
+    async def xsha256(self, connection: aioftp.Connection, rest: str) -> bool:
+        return await self._x_digest(connection, rest, "SHA-256")
+
+    async def xsha1(self, connection: aioftp.Connection, rest: str) -> bool:
+        return await self._x_digest(connection, rest, "SHA-1")
+
+    async def xmd5(self, connection: aioftp.Connection, rest: str) -> bool:
+        return await self._x_digest(connection, rest, "MD5")
+
+    async def xcrc(self, connection: aioftp.Connection, rest: str) -> bool:
+        return await self._x_digest(connection, rest, "CRC32")
+
+    async def _x_digest(self, connection: aioftp.Connection, rest: str, name: str) -> bool:
+        """The de-facto X commands (Serv-U, ProFTPD's mod_digest): ``250 <HEX DIGEST>``. A start and end
+        offset may follow the path; only the whole file (0 and its size) is supported."""
+        path, bounds = split_x_arguments(rest)
+        if bounds and bounds[0] != "0":
+            connection.response("504", "Only whole files can be hashed.")
+            return True
+        found = await self._digest(connection, path, name, "550")
+        if found is not None:
+            digest, size = found
+            if bounds and int(bounds[1]) != size:
+                connection.response("504", "Only whole files can be hashed.")
+            else:
+                connection.response("250", digest.upper())
+        return True
