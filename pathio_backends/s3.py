@@ -502,6 +502,8 @@ class S3Upload(Upload):
             )
             self.done = True
             self.etag = etag_of(response)
+            # Same content, same ETag: a time set on the object this one replaces must not carry over.
+            await self.ctx.facts_update("forget", [self.key])
             return
         if self.pending_size or not (self.parts or self.tasks):
             await self._send_pending()

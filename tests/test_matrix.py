@@ -4,7 +4,9 @@ tree both ways, wget downloads and lists, BusyBox ftpput/ftpget and NcFTP move f
 from __future__ import annotations
 
 import filecmp
+import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,7 @@ def test_lftp_mirror_both_ways(backend_gateway: GatewayThread, tmp_path: Path) -
         path = tree / f"level{index % 4}" / f"sub {index % 7}" / f"file-{index:03d}{'-ü' if index % 5 == 0 else ''}.dat"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(random_bytes(index * 397, seed=index))
+        os.utime(path, (1_600_000_000 + index * 3600, 1_600_000_000 + index * 3600))
     (tree / "empty dir").mkdir()
     back = tmp_path / "back"
     script = (
@@ -48,6 +51,9 @@ def test_lftp_mirror_both_ways(backend_gateway: GatewayThread, tmp_path: Path) -
     )
     run(lftp, "-c", script)
     assert same_tree(tree, back)
+    # lftp sets each uploaded file's time with MFMT and the downloaded copy's from MLSD: both ways hold.
+    for path in tree.rglob("*.dat"):
+        assert int((back / path.relative_to(tree)).stat().st_mtime) == int(path.stat().st_mtime), path
     stored = backend_gateway.files.files("alice")
     assert len(stored) == 200
 
@@ -102,3 +108,40 @@ def test_ncftp_put_get_and_list(backend_gateway: GatewayThread, tmp_path: Path) 
     for name, data in FILES.items():
         run(ncftpget, *connection, "127.0.0.1", str(tmp_path / "back"), f"/incoming/{name}")
         assert sha256((tmp_path / "back" / name).read_bytes()) == sha256(data)
+
+
+@pytest.mark.matrix(client="rclone copy/check")
+def test_rclone_copy_check_and_modification_times(backend_gateway: GatewayThread, tmp_path: Path) -> None:
+    """rclone copies a tree up, checks it and copies it back; times set with MFMT survive both ways."""
+    rclone = require_binary("rclone")
+    backend_gateway.add_user("alice")
+    tree = tmp_path / "tree"
+    for index, (name, data) in enumerate(FILES.items()):
+        path = tree / f"dir {index}" / name
+        path.parent.mkdir(parents=True)
+        path.write_bytes(data)
+        os.utime(path, (1_600_000_000 + index * 86_400, 1_600_000_000 + index * 86_400))
+    config = tmp_path / "rclone.conf"
+    obscured = run(rclone, "obscure", "secret").strip()
+    config.write_text(
+        f"[gw]\ntype = ftp\nhost = 127.0.0.1\nport = {backend_gateway.port}\nuser = alice\npass = {obscured}\n"
+    )
+    rc = (rclone, "--config", str(config), "--retries", "1", "--low-level-retries", "1")
+    copy = subprocess.run([*rc, "copy", str(tree), "gw:up", "-v"], capture_output=True, timeout=180, check=False)
+    assert copy.returncode == 0, copy.stderr.decode(errors="replace")
+    assert b"not supported" not in copy.stderr  # SetModTime works (MFMT)
+    run(*rc, "check", str(tree), "gw:up")
+    listed = sorted(run(*rc, "lsf", "-R", "--files-only", "--format", "pst", "--separator", "|", "gw:up").splitlines())
+    shown = [time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(1_600_000_000 + index * 86_400)) for index in range(3)]
+    assert listed == [
+        f"dir {index}/{name}|{len(data)}|{shown[index]}" for index, (name, data) in enumerate(FILES.items())
+    ]
+    back = tmp_path / "back"
+    run(*rc, "copy", "gw:up", str(back))
+    assert same_tree(tree, back)
+    for index, name in enumerate(FILES):
+        assert (back / f"dir {index}" / name).stat().st_mtime == 1_600_000_000 + index * 86_400
+    stored = backend_gateway.files.files("alice")
+    assert {key: sha256(value) for key, value in stored.items()} == {
+        f"up/dir {index}/{name}": sha256(data) for index, (name, data) in enumerate(FILES.items())
+    }

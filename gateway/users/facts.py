@@ -52,12 +52,15 @@ class DatabaseObjectFacts:
             return
         async with self._sessions.begin() as session:
             old = await self._rows(session, container, [move[0] for move in moves])
+            replaced = []
             for old_key, old_etag, new_key, new_etag in moves:
                 row = old.get(old_key)
                 if row is not None and row.etag == old_etag:
                     fact = ObjectFact(etag=new_etag, sha256=row.sha256, mtime=row.mtime)
                     await session.execute(self._upsert(container, new_key, fact))
-            await self._delete(session, container, [move[0] for move in moves])
+                else:
+                    replaced.append(new_key)  # what the destination had said no longer holds
+            await self._delete(session, container, [move[0] for move in moves] + replaced)
 
     async def forget(self, container: str, keys: Sequence[str]) -> None:
         async with self._sessions.begin() as session:
