@@ -98,8 +98,9 @@ def test_ncftp_put_get_and_list(backend_gateway: GatewayThread, tmp_path: Path) 
     ncftpput, ncftpget, ncftpls = (require_binary(tool) for tool in ("ncftpput", "ncftpget", "ncftpls"))
     backend_gateway.add_user("alice")
     connection = ["-u", "alice", "-p", "secret", "-P", str(backend_gateway.port)]
-    for name, data in FILES.items():
+    for index, (name, data) in enumerate(FILES.items()):
         (tmp_path / name).write_bytes(data)
+        os.utime(tmp_path / name, (1_600_000_000 + index * 60, 1_600_000_000 + index * 60))
     # -m makes the remote directory.
     run(ncftpput, "-m", *connection, "127.0.0.1", "/incoming", *(str(tmp_path / name) for name in FILES))
     listing = run(ncftpls, *connection, "-l", f"ftp://127.0.0.1:{backend_gateway.port}/incoming/")
@@ -108,6 +109,9 @@ def test_ncftp_put_get_and_list(backend_gateway: GatewayThread, tmp_path: Path) 
     for name, data in FILES.items():
         run(ncftpget, *connection, "127.0.0.1", str(tmp_path / "back"), f"/incoming/{name}")
         assert sha256((tmp_path / "back" / name).read_bytes()) == sha256(data)
+    # ncftpput sets each file's time with MFMT and ncftpget takes it over: the times survive both ways.
+    for index, name in enumerate(FILES):
+        assert (tmp_path / "back" / name).stat().st_mtime == 1_600_000_000 + index * 60
 
 
 @pytest.mark.matrix(client="rclone copy/check")

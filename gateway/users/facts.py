@@ -16,8 +16,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from gateway.users.models import ObjectFactRow
 from pathio_backends.base import ObjectFact
 
-# Keys per query: SQLite allows 32,766 bound parameters, PostgreSQL 32,767; a listing page has 1,000.
-LOOKUP_BATCH = 1000
+# Keys per query: under SQLite's 999 bound parameters of builds before 3.32 (newer ones and PostgreSQL allow
+# about 32,766); a listing page of 1,000 keys takes two queries.
+LOOKUP_BATCH = 900
 
 
 class DatabaseObjectFacts:
