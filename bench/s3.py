@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Upload and download a file through the gateway into S3 (a moto server on loopback) with curl, against
 aiobotocore doing the same transfers directly (same endpoint, part size and parts in flight) in the same
-run; print both and the ratio, and the gateway's peak RSS growth during a 1 GiB upload.
+run; print both and the ratio, the gateway's peak RSS growth during a 1 GiB upload, and how long HASH
+takes for a file uploaded through the gateway (SHA-256 stored while it streamed) and for one written
+directly to S3 (read through the hash once, then remembered).
 
     python bench/s3.py [--size-mib 256] [--runs 3] [--rss-gib 1]
 
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ftplib
+import hashlib
 import os
 import shutil
 import statistics
@@ -101,6 +105,16 @@ def curl(*args: str) -> float:
     return total - pre
 
 
+def timed_hash(port: int, name: str) -> tuple[float, str]:
+    """Seconds for one HASH command (after login), and the digest it gave."""
+    with ftplib.FTP() as client:  # noqa: S321 - FTP is what is measured
+        client.connect("127.0.0.1", port)
+        client.login("bench", "bench-password")
+        started = time.perf_counter()
+        reply = client.sendcmd(f"HASH {name}")
+        return time.perf_counter() - started, reply.split()[3]
+
+
 def start_gateway(gateway: str, database: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     low = free_port() % 10000 + 20000
     process = subprocess.Popen(
@@ -170,6 +184,19 @@ def main() -> int:
                 figures["gw down"].append(size / curl("--output", os.devnull, url + f"run{run}.bin") / MB)
                 figures["direct down"].append(size / asyncio.run(direct_download(endpoint, f"d{run}.bin")) / MB)
 
+            # HASH: stored at upload (the gateway's own), streamed once (written by another tool), remembered.
+            port = int(url.rsplit(":", 1)[1].strip("/"))
+            asyncio.run(direct_upload(endpoint, source, "bench/foreign.bin"))
+            with source.open("rb") as f:
+                expected = hashlib.file_digest(f, "sha256").hexdigest()
+            hashes = {
+                "HASH of a gateway upload": timed_hash(port, "run0.bin"),
+                "HASH of a foreign object, first": timed_hash(port, "foreign.bin"),
+                "HASH of a foreign object, again": timed_hash(port, "foreign.bin"),
+            }
+            if any(digest != expected for _, digest in hashes.values()):
+                raise SystemExit(f"HASH gave a wrong digest: {hashes}")
+
             # Peak memory of a fresh gateway while it uploads a large file.
             gateway_process.terminate()
             gateway_process.wait(timeout=30)
@@ -200,6 +227,8 @@ def main() -> int:
     for direction in ("up", "down"):
         ratio = statistics.median(figures[f"gw {direction}"]) / statistics.median(figures[f"direct {direction}"])
         print(f"ratio gateway/direct {direction:4} {ratio:.2f}x")
+    for what, (seconds_taken, _) in hashes.items():
+        print(f"{what:34} {seconds_taken * 1000:8.1f} ms ({args.size_mib} MiB, multipart)")
     bound = PART_SIZE * (PARTS_IN_FLIGHT + 1) / MiB + 64
     print(
         f"{args.rss_gib} GiB upload into a fresh gateway: {args.rss_gib * 1024 * MiB / seconds / MB:.1f} MB/s, "
