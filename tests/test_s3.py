@@ -33,6 +33,7 @@ from tests.helpers import (
     gateway_settings,
     random_bytes,
     running,
+    sha256,
 )
 
 OLD = b"the previous version\n"
@@ -304,6 +305,11 @@ def test_rename_above_the_copy_limit_copies_in_parts(
     client.rename("big.bin", "moved.bin")
     assert client.retr("moved.bin") == data
     assert client.list() == {"moved.bin": ("file", 11 * MiB)}
+    # MFMT rewrites the metadata the same way: a multipart copy of the object onto itself.
+    assert client.ftp.sendcmd("MFMT 20200102030405 moved.bin").startswith("213")
+    assert client.ftp.sendcmd("MDTM moved.bin") == "213 20200102030405"
+    assert client.retr("moved.bin") == data
+    assert client.ftp.sendcmd("HASH moved.bin").split()[3] == sha256(data)
     assert s3_gateway.files.pending_uploads("alice") == []
     client.quit()
 
