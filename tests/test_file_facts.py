@@ -12,6 +12,7 @@ import hashlib
 import io
 import logging
 import re
+import sqlite3
 import time
 import zlib
 from collections.abc import Iterator
@@ -303,3 +304,27 @@ def test_s3_mfmt_keeps_content_type_and_metadata(s3_endpoint: str, tmp_path: Pat
         assert head["ContentType"] == "text/html"
         assert head["Metadata"]["owner"] == "bob"
         assert float(head["Metadata"]["mtime"]) == 1577934245  # as rclone and s3fs store it
+
+
+def test_s3_goes_on_when_the_facts_table_fails(
+    s3_endpoint: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The facts table is a help: with it gone (a broken database), uploads, listings and HASH still work,
+    MDTM still shows an MFMT time (from the object's metadata), and the failure is logged."""
+    settings = gateway_settings(tmp_path, s3_endpoint=s3_endpoint, s3={"part_size": 5 * MiB})
+    with running(settings) as gw:
+        gw.add_user("alice")
+        with sqlite3.connect(tmp_path / "users.db") as db:
+            db.execute("DROP TABLE ftp_object_facts")
+        client = ftp_login(gw.host, gw.port, "alice").ftp
+        store(client, "large.bin", LARGE)
+        store(client, "small.bin", SMALL)
+        assert client.sendcmd("HASH large.bin").split()[3] == expected(LARGE)["SHA-256"]
+        client.sendcmd("MFMT 20200102030405 large.bin")
+        assert client.sendcmd("MDTM large.bin") == "213 20200102030405"
+        assert sorted(client.nlst()) == ["large.bin", "small.bin"]
+        client.rename("large.bin", "moved.bin")
+        client.delete("small.bin")
+        client.quit()
+    assert "could not read object facts" in caplog.text
+    assert "could not record object facts" in caplog.text
