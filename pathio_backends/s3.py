@@ -750,6 +750,9 @@ class S3PathIO(TransactionalPathIO):
         size = int(head["ContentLength"])
         copy_source = {"Bucket": self.ctx.bucket, "Key": source}
         content = {field: head[field] for field in CONTENT_HEADERS if head.get(field)}
+        write_args = dict(self.ctx.write_args)
+        if head.get("StorageClass") and "StorageClass" not in write_args:
+            write_args["StorageClass"] = head["StorageClass"]  # a copy would otherwise become STANDARD
         if size <= MAX_PART:
             extra: dict[str, Any] = {}
             if metadata is not None:
@@ -760,7 +763,7 @@ class S3PathIO(TransactionalPathIO):
                 CopySource=copy_source,
                 CopySourceIfMatch=str(head["ETag"]),
                 **extra,
-                **self.ctx.write_args,
+                **write_args,
             )
             return etag_of(response.get("CopyObjectResult", {}))
         # Above 5 GiB CopyObject is refused: copy in parts, keeping the object's metadata and content headers.
@@ -770,7 +773,7 @@ class S3PathIO(TransactionalPathIO):
         upload = S3Upload(self.ctx, destination)
         upload_args = {"Metadata": head.get("Metadata", {}) if metadata is None else metadata, **content}
         response = await run_to_completion(
-            self.ctx.call("create_multipart_upload", Key=destination, **upload_args, **self.ctx.write_args)
+            self.ctx.call("create_multipart_upload", Key=destination, **upload_args, **write_args)
         )
         upload.upload_id = str(response["UploadId"])
         try:
@@ -793,9 +796,8 @@ class S3PathIO(TransactionalPathIO):
             target = destination + item["Key"][len(source) :]
             async with slots:
                 attempted.append(target)
-                etag = await self._copy_object(
-                    item["Key"], target, {"ContentLength": item["Size"], "ETag": item["ETag"]}
-                )
+                listed = {"ContentLength": item["Size"], "ETag": item["ETag"], "StorageClass": item.get("StorageClass")}
+                etag = await self._copy_object(item["Key"], target, listed)
                 moved.append((item["Key"], etag_of(item), target, etag))
 
         try:

@@ -291,18 +291,26 @@ def test_s3_directories_have_no_time_to_set(s3_endpoint: str, tmp_path: Path) ->
         client.quit()
 
 
-def test_s3_mfmt_keeps_content_type_and_metadata(s3_endpoint: str, tmp_path: Path) -> None:
+def test_s3_mfmt_keeps_content_type_metadata_and_storage_class(s3_endpoint: str, tmp_path: Path) -> None:
     with running(gateway_settings(tmp_path, s3_endpoint=s3_endpoint)) as gw:
         gw.add_user("alice")
         s3 = gw.files.client  # type: ignore[union-attr]
         key = gw.files.prefix("alice") + "page.html"  # type: ignore[union-attr]
-        s3.put_object(Bucket=S3_BUCKET, Key=key, Body=b"<p>", ContentType="text/html", Metadata={"owner": "bob"})
+        s3.put_object(
+            Bucket=S3_BUCKET,
+            Key=key,
+            Body=b"<p>",
+            ContentType="text/html",
+            Metadata={"owner": "bob"},
+            StorageClass="STANDARD_IA",
+        )
         client = ftp_login(gw.host, gw.port, "alice").ftp
         client.sendcmd("MFMT 20200102030405 page.html")
         client.quit()
         head = s3.head_object(Bucket=S3_BUCKET, Key=key)
         assert head["ContentType"] == "text/html"
         assert head["Metadata"]["owner"] == "bob"
+        assert head["StorageClass"] == "STANDARD_IA"
         assert float(head["Metadata"]["mtime"]) == 1577934245  # as rclone and s3fs store it
 
 
