@@ -21,6 +21,7 @@ import logging
 import os
 import secrets
 import stat
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Self, TypeVar
@@ -52,6 +53,9 @@ T = TypeVar("T")
 
 # Entries stat'ed per worker-thread hop while listing a directory.
 LIST_BATCH = 256
+# A temporary upload file untouched this long belongs to no running upload (a stalled one is aborted after
+# the data-connection timeout, minutes): listing its directory removes it.
+STALE_UPLOAD_SECONDS = 3600
 COPY_CHUNK = 64 * 1024 * 1024
 
 
@@ -106,6 +110,7 @@ class Confinement:
     def visible_stat(self, real_dir: str, name: str) -> os.stat_result | None:
         """Stat of a listed entry, or None where it is hidden: our temporary files, dangling or escaping links."""
         if name.startswith(RESERVED_PREFIX):
+            _remove_if_stale(os.path.join(real_dir, name))
             return None
         full = os.path.join(real_dir, name)
         try:
@@ -400,6 +405,18 @@ async def _open_in_thread(open_: Callable[[], T], release: Callable[[T], None]) 
 
         future.add_done_callback(late)
         raise
+
+
+def _remove_if_stale(path: str) -> None:
+    """Remove a temporary upload file nobody has written to for :data:`STALE_UPLOAD_SECONDS`: one left by a
+    gateway that was killed mid-upload (blocking: call from a worker thread)."""
+    try:
+        st = os.lstat(path)
+        if stat.S_ISREG(st.st_mode) and time.time() - st.st_mtime > STALE_UPLOAD_SECONDS:
+            os.unlink(path)
+            logger.info("removed %s, left by an upload that never finished", path)
+    except OSError:
+        pass
 
 
 def _unlink_quietly(path: str) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import os
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from gateway.config import load_settings
 from pathio_backends import BackendResources, path_io_factory
 from pathio_backends.base import RESERVED_PREFIX
 from pathio_backends.local import LocalPathIO
+from tests.clients import ftp_login
+from tests.helpers import GatewayThread
 
 
 @pytest.fixture
@@ -115,6 +118,23 @@ async def test_listing_hides_upload_names_and_refuses_them(pio: LocalPathIO) -> 
         async with pio.open(base / (RESERVED_PREFIX + "x"), mode="wb") as f:
             await f.write(b"x")
     assert reason(excinfo).errno == errno.EINVAL  # type: ignore[attr-defined]
+
+
+def test_listing_removes_uploads_left_by_a_killed_gateway(gateway: GatewayThread) -> None:
+    """A temporary upload file nobody has written to for an hour (a gateway killed with kill -9 mid-upload)
+    goes when its directory is listed; one still being written stays."""
+    gateway.add_user("alice")
+    gateway.files.put("alice", "dir/kept.txt", b"kept")
+    directory = gateway.root_of("alice") / "dir"
+    stale, fresh = directory / (RESERVED_PREFIX + "stale"), directory / (RESERVED_PREFIX + "fresh")
+    stale.write_bytes(b"half an upload")
+    fresh.write_bytes(b"an upload in progress")
+    two_hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (two_hours_ago, two_hours_ago))
+    client = ftp_login(gateway.host, gateway.port, "alice")
+    assert client.list("dir") == {"kept.txt": ("file", 4)}
+    client.quit()
+    assert sorted(p.name for p in directory.iterdir()) == sorted([fresh.name, "kept.txt"])
 
 
 async def test_path_timeout_bounds_a_stuck_operation(pio: LocalPathIO) -> None:
