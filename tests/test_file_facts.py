@@ -13,6 +13,7 @@ import io
 import logging
 import re
 import sqlite3
+import subprocess
 import time
 import zlib
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from gateway.config import DatabaseSettings
 from gateway.users.db import create_engine
 from gateway.users.models import ObjectFactRow
 from tests.clients import assert_refused, ftp_login
-from tests.helpers import S3_BUCKET, GatewayThread, MiB, gateway_settings, random_bytes, running
+from tests.helpers import S3_BUCKET, GatewayThread, MiB, gateway_settings, random_bytes, require_binary, running
 
 SMALL = random_bytes(100_000, seed=1)
 LARGE = random_bytes(11 * MiB, seed=2)  # two 5 MiB parts and a tail on S3
@@ -336,3 +337,19 @@ def test_s3_goes_on_when_the_facts_table_fails(
         client.quit()
     assert "could not read object facts" in caplog.text
     assert "could not record object facts" in caplog.text
+
+
+@both_backends
+def test_curl_keeps_the_time_set_by_mfmt(facts_gateway: GatewayThread, tmp_path: Path) -> None:
+    """``curl -R`` asks MDTM and gives the downloaded file the server's time."""
+    curl = require_binary("curl")
+    facts_gateway.add_user("alice")
+    client = ftp_login(facts_gateway.host, facts_gateway.port, "alice").ftp
+    store(client, "report.csv", SMALL)
+    client.sendcmd("MFMT 20200102030405 report.csv")
+    client.quit()
+    out = tmp_path / "report.csv"
+    url = f"ftp://alice:secret@{facts_gateway.host}:{facts_gateway.port}/report.csv"
+    subprocess.run([curl, "--silent", "--show-error", "-R", "-o", str(out), url], check=True, timeout=60)
+    assert out.read_bytes() == SMALL
+    assert out.stat().st_mtime == 1577934245
