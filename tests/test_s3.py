@@ -359,3 +359,30 @@ def test_failed_complete_is_an_error_reply_not_226(s3_gateway: GatewayThread, mo
     assert client.retr("doc.bin") == OLD
     s3_gateway.wait_for_no_pending_uploads("alice")
     client.quit()
+
+
+def test_commands_ask_s3_once_about_their_path(s3_gateway: GatewayThread, caplog: pytest.LogCaptureFixture) -> None:
+    """SIZE, MDTM, RETR, LIST, MLSD and MLST stat their path once (a HEAD and a one-key listing, sent
+    together), instead of aioftp's exists + is_file + stat, each a request or two."""
+    s3_gateway.add_user("alice")
+    s3_gateway.files.put("alice", "dir/file.bin", b"12345")
+    client = ftp_login(s3_gateway.host, s3_gateway.port, "alice")
+    commands = {
+        "SIZE": lambda: client.ftp.sendcmd("SIZE dir/file.bin"),
+        "MDTM": lambda: client.ftp.sendcmd("MDTM dir/file.bin"),
+        "MLST": lambda: client.ftp.sendcmd("MLST dir/file.bin"),
+        "RETR": lambda: client.retr("dir/file.bin"),
+        "LIST": lambda: client.list("dir"),
+        "MLSD": lambda: client.mlsd("dir"),
+    }
+    for name, command in commands.items():
+        with caplog.at_level(logging.INFO, logger="werkzeug"):
+            caplog.clear()
+            command()
+            requests = [r.getMessage() for r in caplog.records if r.name == "werkzeug"]
+        heads = [r for r in requests if re.search(r"HEAD /\S*/dir", r)]
+        probes = [r for r in requests if "max-keys=1&" in r]
+        assert len(heads) == 1, (name, requests)
+        assert len(probes) == 1, (name, requests)
+    assert_refused("550", lambda: client.ftp.sendcmd("SIZE dir"), lambda: client.ftp.sendcmd("SIZE missing"))
+    client.quit()

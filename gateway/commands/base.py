@@ -6,17 +6,19 @@ import asyncio
 import functools
 import ipaddress
 import logging
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from pathlib import PurePosixPath
+from pathlib import PurePath, PurePosixPath
 from typing import Any, ClassVar, TypeVar
 
 import aioftp
 from aioftp.common import ThrottleStreamIO
 
 from gateway.config import Settings
+from gateway.errors import unwrap
 from gateway.pump import TransferPump
 from gateway.users.manager import DatabaseUserManager
 
@@ -45,6 +47,18 @@ def parse_time_val(text: str) -> float | None:
     except ValueError:
         return None
     return moment.timestamp() + float("0." + (match.group(2) or "0"))
+
+
+async def stat_or_none(connection: aioftp.Connection, real_path: PurePath) -> os.stat_result | None:
+    """One stat of a path, or None if there is nothing there. Handlers ask this once instead of aioftp's
+    ``exists`` then ``is_file``/``is_dir`` then ``stat``: on S3 each of those is a request or two."""
+    try:
+        result: os.stat_result = await connection.path_io.stat(real_path)
+    except aioftp.PathIOError as exc:
+        if isinstance(unwrap(exc), FileNotFoundError):
+            return None
+        raise
+    return result
 
 
 def plain_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

@@ -24,19 +24,16 @@ from gateway.commands.base import (
     get,
     ls_time,
     mlsx_time,
+    stat_or_none,
     take_data_connection,
 )
 from gateway.commands.session import MLST_FACTS
 from gateway.commands.transfer import DATA_CONNECTION, send
 from gateway.errors import transfer_errors
 
-# aioftp's checks for a listing: logged in, PASV/EPSV sent, the path exists and is readable.
-listing_command = checks(
-    LOGGED_IN,
-    DATA_CHANNEL_READY,
-    aioftp.PathConditions(aioftp.PathConditions.path_must_exists),
-    aioftp.PathPermissions(aioftp.PathPermissions.readable),
-)
+# aioftp's checks for a listing: logged in, PASV/EPSV sent, the path readable (whether it exists: one stat).
+listing_command = checks(LOGGED_IN, DATA_CHANNEL_READY, aioftp.PathPermissions(aioftp.PathPermissions.readable))
+NOT_FOUND = ("550", "No such file or directory.")
 
 
 STAT_MAX_ENTRIES = 10_000
@@ -82,14 +79,29 @@ def split_glob(path: str) -> tuple[str, str | None]:
 class ListingCommands(CommandBase):
     NEW_COMMANDS = {"nlst": "nlst", "stat": "stat"}
 
+    async def _target(
+        self, connection: aioftp.Connection, rest: str, pattern: str | None
+    ) -> tuple[Path, os.stat_result] | None:
+        """The path a listing command names and its stat, or None after answering 550: it does not exist, or
+        a pattern follows something that is not a directory."""
+        real_path, _ = self.get_paths(connection, rest)
+        st = await stat_or_none(connection, real_path)
+        if st is None:
+            connection.response(*NOT_FOUND)
+            return None
+        if pattern is not None and not stat.S_ISDIR(st.st_mode):
+            connection.response("550", "Not a directory.")
+            return None
+        return real_path, st
+
     async def _entries(
-        self, connection: aioftp.Connection, real_path: Path, pattern: str | None = None
+        self, connection: aioftp.Connection, real_path: Path, st: os.stat_result, pattern: str | None = None
     ) -> AsyncIterator[tuple[Path, os.stat_result]]:
         """The entries of a directory with their stat (those matching ``pattern``), or the path itself when it
-        is a file (as ``ls`` does)."""
+        is not a directory (as ``ls`` does); ``st`` is the path's own stat."""
         path_io = connection.path_io
-        if pattern is None and await path_io.is_file(real_path):
-            yield real_path, await path_io.stat(real_path)
+        if not stat.S_ISDIR(st.st_mode):
+            yield real_path, st
             return
         async for path in path_io.list(real_path):
             if pattern is None or fnmatch.fnmatchcase(path.name, pattern):
@@ -114,9 +126,9 @@ class ListingCommands(CommandBase):
         return "".join(facts) + " " + name
 
     def _send_lines(
-        self, connection: aioftp.Connection, rest: str, make_lines: Callable[[Path], AsyncIterator[str]], what: str
+        self, connection: aioftp.Connection, rest: str, make_lines: Callable[[], AsyncIterator[str]], what: str
     ) -> None:
-        """Start the worker that streams ``make_lines(real_path)`` over the data connection; answer 150."""
+        """Start the worker that streams ``make_lines()`` over the data connection; answer 150."""
 
         @DATA_CONNECTION
         @aioftp.server.worker
@@ -124,11 +136,10 @@ class ListingCommands(CommandBase):
         async def listing_worker(self: ListingCommands, connection: aioftp.Connection, rest: str) -> None:
             stream = take_data_connection(connection)
             async with stream:
-                async for line in make_lines(real_path):
+                async for line in make_lines():
                     await send(stream, (line + END_OF_LINE).encode(self.encoding))
             connection.response("226", f"{what} sent.")
 
-        real_path, _ = self.get_paths(connection, rest)
         self.start_transfer(connection, listing_worker(self, connection, rest))
         connection.response("150", f"Here comes the {what.lower()}.")
 
@@ -138,9 +149,13 @@ class ListingCommands(CommandBase):
 
     @listing_command
     async def _list(self, connection: aioftp.Connection, rest: str, pattern: str | None) -> bool:
-        async def lines(real_path: Path) -> AsyncIterator[str]:
+        target = await self._target(connection, rest, pattern)
+        if target is None:
+            return True
+
+        async def lines() -> AsyncIterator[str]:
             now = time.time()
-            async for path, st in self._entries(connection, real_path, pattern):
+            async for path, st in self._entries(connection, *target, pattern):
                 yield list_line(path, st, now)
 
         self._send_lines(connection, rest, lines, "Directory listing")
@@ -154,9 +169,12 @@ class ListingCommands(CommandBase):
     async def _nlst(self, connection: aioftp.Connection, rest: str, pattern: str | None) -> bool:
         # With a directory before the pattern, names carry it, so that the client can RETR them (mget).
         prefix = f"{rest.rstrip('/')}/" if pattern is not None and rest else ""
+        target = await self._target(connection, rest, pattern)
+        if target is None:
+            return True
 
-        async def lines(real_path: Path) -> AsyncIterator[str]:
-            async for path, _ in self._entries(connection, real_path, pattern):
+        async def lines() -> AsyncIterator[str]:
+            async for path, _ in self._entries(connection, *target, pattern):
                 yield prefix + path.name
 
         self._send_lines(connection, rest, lines, "Name list")
@@ -180,17 +198,16 @@ class ListingCommands(CommandBase):
         _, path = split_list_arguments(str(rest))
         return await self._stat_path(connection, *split_glob(path))
 
-    @checks(
-        LOGGED_IN,
-        aioftp.PathConditions(aioftp.PathConditions.path_must_exists),
-        aioftp.PathPermissions(aioftp.PathPermissions.readable),
-    )
+    @checks(LOGGED_IN, aioftp.PathPermissions(aioftp.PathPermissions.readable))
     async def _stat_path(self, connection: aioftp.Connection, rest: str, pattern: str | None) -> bool:
-        real_path, virtual_path = self.get_paths(connection, rest)
+        _, virtual_path = self.get_paths(connection, rest)
+        target = await self._target(connection, rest, pattern)
+        if target is None:
+            return True
         now = time.time()
         # Replies are kept whole until sent, so a control-connection listing is bounded.
         lines = []
-        async for path, st in self._entries(connection, real_path, pattern):
+        async for path, st in self._entries(connection, *target, pattern):
             lines.append(list_line(path, st, now))
             if len(lines) >= STAT_MAX_ENTRIES:
                 lines.append(f"(first {STAT_MAX_ENTRIES} entries only: use LIST for the rest)")
@@ -200,25 +217,27 @@ class ListingCommands(CommandBase):
 
     @listing_command
     async def mlsd(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
-        async def lines(real_path: Path) -> AsyncIterator[str]:
-            async for path, st in self._entries(connection, real_path):
-                yield await self._mlsx_line(connection, path, st, path.name)
-
-        real_path, _ = self.get_paths(connection, rest)
-        if not await connection.path_io.is_dir(real_path):
+        target = await self._target(connection, str(rest), None)
+        if target is None:
+            return True
+        if not stat.S_ISDIR(target[1].st_mode):
             connection.response("501", "MLSD needs a directory.")
             return True
+
+        async def lines() -> AsyncIterator[str]:
+            async for path, st in self._entries(connection, *target):
+                yield await self._mlsx_line(connection, path, st, path.name)
+
         self._send_lines(connection, str(rest), lines, "MLSD listing")
         return True
 
-    @checks(
-        aioftp.ConnectionConditions(aioftp.ConnectionConditions.login_required),
-        aioftp.PathConditions(aioftp.PathConditions.path_must_exists),
-        aioftp.PathPermissions(aioftp.PathPermissions.readable),
-    )
+    @checks(LOGGED_IN, aioftp.PathPermissions(aioftp.PathPermissions.readable))
     async def mlst(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
         real_path, virtual_path = self.get_paths(connection, rest)
-        st = await connection.path_io.stat(real_path)
+        st = await stat_or_none(connection, real_path)
+        if st is None:
+            connection.response(*NOT_FOUND)
+            return True
         line = await self._mlsx_line(connection, real_path, st, str(virtual_path))
         connection.response("250", ["Listing " + str(virtual_path), line, "End"], True)
         return True

@@ -24,7 +24,15 @@ from aioftp import AbstractPathIO
 from aioftp.common import ThrottleStreamIO
 from aioftp.pathio import AsyncPathIOContext
 
-from gateway.commands.base import DATA_CHANNEL_READY, LOGGED_IN, CommandBase, checks, get, take_data_connection
+from gateway.commands.base import (
+    DATA_CHANNEL_READY,
+    LOGGED_IN,
+    CommandBase,
+    checks,
+    get,
+    stat_or_none,
+    take_data_connection,
+)
 from gateway.commands.basic import AsciiConverter, ascii_mode
 from gateway.errors import DataConnectionError, RestartOffsetError, transfer_errors
 from pathio_backends.base import Entered, FileHandle, TransactionalPathIO, run_to_completion
@@ -260,12 +268,7 @@ class TransferCommands(CommandBase):
     async def appe(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
         return await self.stor(connection, rest, "ab")
 
-    @checks(
-        LOGGED_IN,
-        DATA_CHANNEL_READY,
-        aioftp.PathConditions(aioftp.PathConditions.path_must_exists, aioftp.PathConditions.path_must_be_file),
-        aioftp.PathPermissions(aioftp.PathPermissions.readable),
-    )
+    @checks(LOGGED_IN, DATA_CHANNEL_READY, aioftp.PathPermissions(aioftp.PathPermissions.readable))
     async def retr(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
         @DATA_CONNECTION
         @aioftp.server.worker
@@ -300,10 +303,15 @@ class TransferCommands(CommandBase):
         offset = take_restart_offset(connection)
         ascii = ascii_mode(connection)
         real_path, virtual_path = self.get_paths(connection, rest)
-        if offset:
-            size = (await connection.path_io.stat(real_path)).st_size
-            if offset > size:
-                raise RestartOffsetError(offset, size)
+        st = await stat_or_none(connection, real_path)  # one stat where aioftp would ask exists, is_file, stat
+        if st is None:
+            connection.response("550", "No such file.")
+            return True
+        if not stat.S_ISREG(st.st_mode):
+            connection.response("550", "Not a regular file.")
+            return True
+        if offset > st.st_size:
+            raise RestartOffsetError(offset, st.st_size)
         self.start_transfer(connection, retr_worker(self, connection, rest))
         connection.response("150", "Opening data connection.")
         return True
