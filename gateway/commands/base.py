@@ -8,6 +8,7 @@ import ipaddress
 import logging
 import os
 import re
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -76,6 +77,19 @@ class CommandBase(aioftp.Server):
     settings: Settings
     user_manager: DatabaseUserManager
     pump: TransferPump | None
+
+    async def regular_file(
+        self, connection: aioftp.Connection, real_path: PurePath, not_a_file: str = "550"
+    ) -> os.stat_result | None:
+        """The stat of a regular file, or None after answering 550 (missing) or ``not_a_file`` (a directory)."""
+        st = await stat_or_none(connection, real_path)
+        if st is None:
+            connection.response("550", "No such file.")
+        elif not stat.S_ISREG(st.st_mode):
+            connection.response(not_a_file, "Not a regular file.")
+        else:
+            return st
+        return None
 
     async def set_mtime(self, connection: aioftp.Connection, path: str, mtime: float, code: str, text: str) -> bool:
         """Set the time of ``path`` if the user may write there; used by MFMT, MDTM with a time and SITE UTIME."""

@@ -7,7 +7,6 @@ thread; S3 answers SHA-256 from what the upload stored and streams the object ot
 
 from __future__ import annotations
 
-import stat
 from pathlib import PurePosixPath
 
 import aioftp
@@ -71,12 +70,10 @@ class ChecksumCommands(CommandBase):
         if not (await connection.user.get_permissions(virtual_path)).readable:
             connection.response("550", "Permission denied.")
             return None
-        path_io = connection.path_io
-        info = await path_io.stat(real_path)  # a missing file: 550 from gateway.errors
-        if not stat.S_ISREG(info.st_mode):
-            connection.response(not_a_file, "Not a regular file.")
+        st = await self.regular_file(connection, real_path, not_a_file)
+        if st is None:
             return None
-        return await path_io.digest(real_path, ALGORITHMS[name]), info.st_size
+        return await connection.path_io.digest(real_path, ALGORITHMS[name]), st.st_size
 
     async def hash(self, connection: aioftp.Connection, rest: str) -> bool:
         name = selected_algorithm(connection)

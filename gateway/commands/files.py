@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import PurePosixPath
 
 import aioftp
 
-from gateway.commands.base import LOGGED_IN, CommandBase, checks, mlsx_time, parse_time_val, quote_path, stat_or_none
+from gateway.commands.base import LOGGED_IN, CommandBase, checks, mlsx_time, parse_time_val, quote_path
 from gateway.commands.basic import ascii_mode
 
 
@@ -54,25 +52,13 @@ class FileCommands(CommandBase):
             connection.response("250", "Rename successful.")
         return True
 
-    async def _file_stat(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> os.stat_result | None:
-        """The stat of the regular file ``rest`` names, or None after answering 550."""
-        real_path, _ = self.get_paths(connection, rest)
-        st = await stat_or_none(connection, real_path)
-        if st is None:
-            connection.response("550", "No such file.")
-        elif not stat.S_ISREG(st.st_mode):
-            connection.response("550", "Not a regular file.")
-        else:
-            return st
-        return None
-
     @checks(LOGGED_IN, aioftp.PathPermissions(aioftp.PathPermissions.readable))
     async def size(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
         if ascii_mode(connection):
             # The size on the wire would differ from the stored one (vsftpd refuses it as well).
             connection.response("550", "SIZE is not available in ASCII mode; use TYPE I.")
             return True
-        st = await self._file_stat(connection, rest)
+        st = await self.regular_file(connection, self.get_paths(connection, rest)[0])
         if st is not None:
             connection.response("213", str(st.st_size))
         return True
@@ -90,7 +76,7 @@ class FileCommands(CommandBase):
 
     @checks(aioftp.PathPermissions(aioftp.PathPermissions.readable))
     async def _mdtm(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
-        st = await self._file_stat(connection, rest)
+        st = await self.regular_file(connection, self.get_paths(connection, rest)[0])
         if st is not None:
             connection.response("213", mlsx_time(st.st_mtime))
         return True

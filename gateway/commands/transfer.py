@@ -30,7 +30,6 @@ from gateway.commands.base import (
     CommandBase,
     checks,
     get,
-    stat_or_none,
     take_data_connection,
 )
 from gateway.commands.basic import AsciiConverter, ascii_mode
@@ -303,12 +302,8 @@ class TransferCommands(CommandBase):
         offset = take_restart_offset(connection)
         ascii = ascii_mode(connection)
         real_path, virtual_path = self.get_paths(connection, rest)
-        st = await stat_or_none(connection, real_path)  # one stat where aioftp would ask exists, is_file, stat
+        st = await self.regular_file(connection, real_path)  # where aioftp would ask exists, is_file, stat
         if st is None:
-            connection.response("550", "No such file.")
-            return True
-        if not stat.S_ISREG(st.st_mode):
-            connection.response("550", "Not a regular file.")
             return True
         if offset > st.st_size:
             raise RestartOffsetError(offset, st.st_size)
