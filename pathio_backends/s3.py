@@ -748,6 +748,9 @@ class S3PathIO(TransactionalPathIO):
         """Copy an object inside the bucket (only while it is still at ``head``'s ETag); with ``metadata`` its
         user metadata is replaced, else kept. Returns the copy's ETag."""
         size = int(head["ContentLength"])
+        if size > MAX_PART and metadata is None and "Metadata" not in head:
+            # A listed entry (directory rename): the multipart copy below must give its metadata again.
+            head = await self._head(source) or head
         copy_source = {"Bucket": self.ctx.bucket, "Key": source}
         content = {field: head[field] for field in CONTENT_HEADERS if head.get(field)}
         write_args = dict(self.ctx.write_args)
@@ -767,9 +770,6 @@ class S3PathIO(TransactionalPathIO):
             )
             return etag_of(response.get("CopyObjectResult", {}))
         # Above 5 GiB CopyObject is refused: copy in parts, keeping the object's metadata and content headers.
-        if metadata is None and "Metadata" not in head:
-            head = await self._head(source) or head  # a listed entry: its metadata is not in the listing
-            content = {field: head[field] for field in CONTENT_HEADERS if head.get(field)}
         upload = S3Upload(self.ctx, destination)
         upload_args = {"Metadata": head.get("Metadata", {}) if metadata is None else metadata, **content}
         response = await run_to_completion(

@@ -27,16 +27,9 @@ class DatabaseObjectFacts:
         self._dialect = engine.dialect.name
 
     async def lookup(self, container: str, keys: Sequence[str]) -> dict[str, ObjectFact]:
-        found: dict[str, ObjectFact] = {}
         async with self._sessions() as session:
-            for start in range(0, len(keys), LOOKUP_BATCH):
-                batch = keys[start : start + LOOKUP_BATCH]
-                rows = await session.execute(
-                    select(ObjectFactRow).where(ObjectFactRow.container == container, ObjectFactRow.key.in_(batch))
-                )
-                for row in rows.scalars():
-                    found[row.key] = ObjectFact(etag=row.etag, sha256=row.sha256, mtime=row.mtime)
-        return found
+            rows = await self._rows(session, container, keys)
+        return {key: ObjectFact(etag=row.etag, sha256=row.sha256, mtime=row.mtime) for key, row in rows.items()}
 
     def _upsert(self, container: str, key: str, fact: ObjectFact) -> Any:
         insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
