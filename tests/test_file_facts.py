@@ -204,6 +204,8 @@ def test_mfmt_shows_in_mdtm_list_and_mlsd(facts_gateway: GatewayThread, caplog: 
         "501",
         lambda: client.sendcmd("MFMT 2020 small.bin"),
         lambda: client.sendcmd("MFMT 20201332000000 small.bin"),  # month 13
+        lambda: client.sendcmd("MFMT 19691231235959 small.bin"),  # before the epoch
+        lambda: client.sendcmd("MFMT 99991231235959 small.bin"),  # past what file systems keep
         lambda: client.sendcmd("MFMT 20200102030405"),
     )
     assert_refused("550", lambda: client.sendcmd("MFMT 20200102030405 missing"))

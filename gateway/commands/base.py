@@ -38,8 +38,13 @@ LOGGED_IN = aioftp.ConnectionConditions(aioftp.ConnectionConditions.login_requir
 TIME_VAL = re.compile(r"(\d{14})(?:\.(\d{1,9}))?")
 
 
+# Times a client may set: what every storage keeps as given (ext4 and S3 metadata alike), 1970 to 2106.
+SETTABLE_SECONDS = range(0, 2**32)
+
+
 def parse_time_val(text: str) -> float | None:
-    """Seconds since the epoch for an RFC 3659 time-val, or None if it is not one (or not a real date)."""
+    """Seconds since the epoch for an RFC 3659 time-val, or None if it is not one, not a real date, or outside
+    :data:`SETTABLE_SECONDS` (a storage would keep another time than the one the client was told it set)."""
     match = TIME_VAL.fullmatch(text)
     if match is None:
         return None
@@ -47,7 +52,10 @@ def parse_time_val(text: str) -> float | None:
         moment = datetime.strptime(match.group(1), "%Y%m%d%H%M%S").replace(tzinfo=UTC)
     except ValueError:
         return None
-    return moment.timestamp() + float("0." + (match.group(2) or "0"))
+    seconds = moment.timestamp()
+    if int(seconds) not in SETTABLE_SECONDS:
+        return None
+    return seconds + float("0." + (match.group(2) or "0"))
 
 
 async def stat_or_none(connection: aioftp.Connection, real_path: PurePath) -> os.stat_result | None:

@@ -176,7 +176,7 @@ class BasicCommands(CommandBase):
             when += "00"
         mtime = parse_time_val(when)
         if mtime is None or not path:
-            connection.response("501", "Syntax: SITE UTIME YYYYMMDDhhmm[ss] <path> (UTC).")
+            connection.response("501", "Syntax: SITE UTIME YYYYMMDDhhmm[ss] <path> (UTC, years 1970 to 2106).")
             return
         await self.set_mtime(connection, path, mtime, "200", "SITE UTIME command ok.")
 

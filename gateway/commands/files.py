@@ -86,6 +86,6 @@ class FileCommands(CommandBase):
         when, _, path = rest.partition(" ")
         mtime = parse_time_val(when)
         if mtime is None or not path:
-            connection.response("501", "Syntax: MFMT YYYYMMDDHHMMSS path (UTC).")
+            connection.response("501", "Syntax: MFMT YYYYMMDDHHMMSS path (UTC, years 1970 to 2106).")
             return True
         return await self.set_mtime(connection, path, mtime, "213", f"Modify={when}; {path}")
