@@ -118,6 +118,9 @@ class TransferSettings(_Section):
     # Threads that move local-disk transfers with blocking recv/write/sendfile; more transfers than this at
     # once go through the event loop (slower, same result). 0: always the event loop.
     pump_threads: Annotated[int, Field(ge=0, le=1024)] = 64
+    # After an upload's data connection ends, how long to watch the control connection before committing: a
+    # client that was killed closes both, and the control connection's end can come a few ms after the data's.
+    close_grace: Annotated[float, Field(ge=0, le=5)] = 0.02
 
 
 class TimeoutSettings(_Section):

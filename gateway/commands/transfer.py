@@ -103,12 +103,25 @@ class BlockReceiver:
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def control_connection_lost(connection: aioftp.Connection) -> bool:
-    """Has the client closed its control connection (and sent nothing more)?
+async def control_connection_lost(connection: aioftp.Connection, grace: float) -> bool:
+    """Does the client close its control connection within ``grace`` seconds (having sent nothing more)?
 
-    Checked when an upload's data ends: a client that is killed closes both connections, and the data
-    connection's end then looks like a complete file. The control connection tells the two apart.
+    Asked when an upload's data ends: a client that is killed closes both connections, and the data
+    connection's end then looks like a complete file. The control connection tells the two apart, but its
+    end may come a little later: the dying process closes its sockets one by one and can be preempted in
+    between (gaps of up to 6 ms measured on this 2-core machine under full load).
     """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while not _control_closed(connection):
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(min(0.002, max(0.0, deadline - loop.time())))
+    return True
+
+
+def _control_closed(connection: aioftp.Connection) -> bool:
+    """Has the client closed its control connection, as far as the kernel knows now?"""
     reader = connection.command_connection.reader
     if reader.at_eof():
         return True
@@ -219,7 +232,7 @@ class TransferCommands(CommandBase):
                     if converter and (tail := converter.flush()):
                         await file.write(tail)
                     received = receiver.received
-                if control_connection_lost(connection):
+                if await control_connection_lost(connection, self.settings.transfer.close_grace):
                     raise DataConnectionError("control connection closed before the upload ended")
             logger.info("stored %s (%d bytes%s)", virtual_path, received, f" at {offset}" if offset else "")
             connection.response("226", "Transfer complete.")
