@@ -21,7 +21,7 @@ from tests.helpers import (
 
 
 @pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[GatewayThread]:
+def local_gateway(tmp_path: Path) -> Iterator[GatewayThread]:
     """A gateway on 127.0.0.1 with users in SQLite and files under tmp_path/data/<user>."""
     with running(gateway_settings(tmp_path)) as gw:
         yield gw

@@ -18,22 +18,17 @@ FILES = {
 }
 
 
-@pytest.fixture
-def gateway(backend_gateway: GatewayThread) -> GatewayThread:
-    return backend_gateway
-
-
 @pytest.fixture(params=sorted(CLIENTS))
-def client(request: pytest.FixtureRequest, gateway: GatewayThread) -> FtpClient:
-    gateway.add_user("alice", "s3cret pass")
-    client: FtpClient = CLIENTS[request.param](gateway.host, gateway.port)
+def client(request: pytest.FixtureRequest, backend_gateway: GatewayThread) -> FtpClient:
+    backend_gateway.add_user("alice", "s3cret pass")
+    client: FtpClient = CLIENTS[request.param](backend_gateway.host, backend_gateway.port)
     client.login("alice", "s3cret pass")
     yield client
     client.quit()
 
 
 @pytest.mark.matrix
-def test_session_round_trip(client: FtpClient, gateway: GatewayThread) -> None:
+def test_session_round_trip(client: FtpClient, backend_gateway: GatewayThread) -> None:
     assert client.pwd() == "/"
     client.mkd(DIRECTORY)
     assert client.list() == {DIRECTORY: ("dir", 0)}
@@ -48,7 +43,7 @@ def test_session_round_trip(client: FtpClient, gateway: GatewayThread) -> None:
     for name, data in FILES.items():
         assert sha256(client.retr(name)) == sha256(data), name
     # What landed in the storage is exactly what was sent.
-    stored = {name: sha256(data) for name, data in gateway.files.files("alice").items()}
+    stored = {name: sha256(data) for name, data in backend_gateway.files.files("alice").items()}
     assert stored == {f"{DIRECTORY}/{n}": sha256(d) for n, d in FILES.items()}
 
     client.rename("one byte.bin", "renamed ✓.bin")

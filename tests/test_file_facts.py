@@ -99,13 +99,13 @@ def test_hash_with_every_algorithm(facts_gateway: GatewayThread) -> None:
     client.quit()
 
 
-def test_hash_needs_read_permission(gateway: GatewayThread) -> None:
-    gateway.add_user("alice", permissions={"/secret": (False, False)})
-    gateway.files.put("alice", "secret/key", b"k")
-    client = ftp_login(gateway.host, gateway.port, "alice").ftp
+def test_hash_needs_read_permission(local_gateway: GatewayThread) -> None:
+    local_gateway.add_user("alice", permissions={"/secret": (False, False)})
+    local_gateway.files.put("alice", "secret/key", b"k")
+    client = ftp_login(local_gateway.host, local_gateway.port, "alice").ftp
     assert_refused("550", lambda: client.sendcmd("HASH secret/key"), lambda: client.sendcmd("XMD5 secret/key"))
     client.quit()
-    assert_refused("530", lambda: _anonymous_hash(gateway))
+    assert_refused("530", lambda: _anonymous_hash(local_gateway))
 
 
 def _anonymous_hash(gateway: GatewayThread) -> None:
@@ -231,10 +231,10 @@ def test_other_ways_to_set_the_time(facts_gateway: GatewayThread) -> None:
     client.quit()
 
 
-def test_mfmt_needs_write_permission(gateway: GatewayThread) -> None:
-    gateway.add_user("alice", read_only=True)
-    gateway.files.put("alice", "a.txt", b"a")
-    client = ftp_login(gateway.host, gateway.port, "alice").ftp
+def test_mfmt_needs_write_permission(local_gateway: GatewayThread) -> None:
+    local_gateway.add_user("alice", read_only=True)
+    local_gateway.files.put("alice", "a.txt", b"a")
+    client = ftp_login(local_gateway.host, local_gateway.port, "alice").ftp
     before = client.sendcmd("MDTM a.txt")
     assert_refused(
         "550",
@@ -245,13 +245,13 @@ def test_mfmt_needs_write_permission(gateway: GatewayThread) -> None:
     client.quit()
 
 
-def test_local_mfmt_sets_the_file_time_and_directories_too(gateway: GatewayThread) -> None:
-    gateway.add_user("alice")
-    gateway.files.put("alice", "dir/a.txt", b"a")
-    client = ftp_login(gateway.host, gateway.port, "alice").ftp
+def test_local_mfmt_sets_the_file_time_and_directories_too(local_gateway: GatewayThread) -> None:
+    local_gateway.add_user("alice")
+    local_gateway.files.put("alice", "dir/a.txt", b"a")
+    client = ftp_login(local_gateway.host, local_gateway.port, "alice").ftp
     client.sendcmd("MFMT 20200102030405 dir/a.txt")
     client.sendcmd("MFMT 20190102030405 dir")
-    root = gateway.root_of("alice")
+    root = local_gateway.root_of("alice")
     assert (root / "dir" / "a.txt").stat().st_mtime == 1577934245
     assert (root / "dir").stat().st_mtime == 1546398245
     client.quit()

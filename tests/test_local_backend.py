@@ -120,18 +120,18 @@ async def test_listing_hides_upload_names_and_refuses_them(pio: LocalPathIO) -> 
     assert reason(excinfo).errno == errno.EINVAL  # type: ignore[attr-defined]
 
 
-def test_listing_removes_uploads_left_by_a_killed_gateway(gateway: GatewayThread) -> None:
+def test_listing_removes_uploads_left_by_a_killed_gateway(local_gateway: GatewayThread) -> None:
     """A temporary upload file nobody has written to for an hour (a gateway killed with kill -9 mid-upload)
     goes when its directory is listed; one still being written stays."""
-    gateway.add_user("alice")
-    gateway.files.put("alice", "dir/kept.txt", b"kept")
-    directory = gateway.root_of("alice") / "dir"
+    local_gateway.add_user("alice")
+    local_gateway.files.put("alice", "dir/kept.txt", b"kept")
+    directory = local_gateway.root_of("alice") / "dir"
     stale, fresh = directory / (RESERVED_PREFIX + "stale"), directory / (RESERVED_PREFIX + "fresh")
     stale.write_bytes(b"half an upload")
     fresh.write_bytes(b"an upload in progress")
     two_hours_ago = time.time() - 2 * 3600
     os.utime(stale, (two_hours_ago, two_hours_ago))
-    client = ftp_login(gateway.host, gateway.port, "alice")
+    client = ftp_login(local_gateway.host, local_gateway.port, "alice")
     assert client.list("dir") == {"kept.txt": ("file", 4)}
     client.quit()
     assert sorted(p.name for p in directory.iterdir()) == sorted([fresh.name, "kept.txt"])

@@ -66,25 +66,27 @@ def test_rnto_into_read_only_path_is_refused(backend_gateway: GatewayThread) -> 
 
 
 @pytest.fixture
-def planted(gateway: GatewayThread, tmp_path: Path) -> Iterator[tuple[FtplibClient, Path]]:
+def planted(local_gateway: GatewayThread, tmp_path: Path) -> Iterator[tuple[FtplibClient, Path]]:
     """A user whose root holds symlinks out of it (as a careless admin or another local user might plant)."""
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret.txt").write_bytes(b"not for ftp users")
-    gateway.add_user("mallory")
-    root = gateway.root_of("mallory")
+    local_gateway.add_user("mallory")
+    root = local_gateway.root_of("mallory")
     (root / "sub").mkdir(parents=True)
     (root / "sub" / "inner.txt").write_bytes(b"inside")
     os.symlink(outside, root / "escape")
     os.symlink(outside / "secret.txt", root / "secret-link")
     os.symlink("/", root / "slash")
     os.symlink(root / "sub", root / "inner-link")
-    client = login(gateway, "mallory")
+    client = login(local_gateway, "mallory")
     yield client, outside
     client.quit()
 
 
-def test_dot_dot_and_absolute_paths_stay_in_root(planted: tuple[FtplibClient, Path], gateway: GatewayThread) -> None:
+def test_dot_dot_and_absolute_paths_stay_in_root(
+    planted: tuple[FtplibClient, Path], local_gateway: GatewayThread
+) -> None:
     client, _ = planted
     client.cwd("../../..")
     assert client.pwd() == "/"
@@ -98,10 +100,10 @@ def test_dot_dot_and_absolute_paths_stay_in_root(planted: tuple[FtplibClient, Pa
         client.ftp.sendcmd("SIZE /etc/passwd")
     # Writing "above" the root lands inside it.
     client.stor("../../escaped.txt", b"x")
-    assert (gateway.root_of("mallory") / "escaped.txt").read_bytes() == b"x"
+    assert (local_gateway.root_of("mallory") / "escaped.txt").read_bytes() == b"x"
 
 
-def test_symlinks_out_of_root_lead_nowhere(planted: tuple[FtplibClient, Path], gateway: GatewayThread) -> None:
+def test_symlinks_out_of_root_lead_nowhere(planted: tuple[FtplibClient, Path], local_gateway: GatewayThread) -> None:
     client, outside = planted
     assert set(client.list()) == {"sub", "inner-link"}
     assert set(client.mlsd()) == {"sub", "inner-link"}

@@ -65,9 +65,9 @@ def test_pipelined_commands_are_answered_in_order(backend_gateway: GatewayThread
         assert control.reply().startswith("221")
 
 
-def test_active_mode_is_refused_towards_anyone_but_the_client(gateway: GatewayThread) -> None:
-    gateway.add_user("alice")
-    with RawControl(gateway) as control:
+def test_active_mode_is_refused_towards_anyone_but_the_client(local_gateway: GatewayThread) -> None:
+    local_gateway.add_user("alice")
+    with RawControl(local_gateway) as control:
         control.send("USER alice", "PASS secret")
         assert control.codes(2) == ["331", "230"]
         control.send(
@@ -84,9 +84,9 @@ def test_active_mode_is_refused_towards_anyone_but_the_client(gateway: GatewayTh
         assert control.codes(9) == ["504", "504", "501", "504", "522", "522", "501", "200", "200"]
 
 
-def test_epsv_all_allows_only_epsv(gateway: GatewayThread) -> None:
-    gateway.add_user("alice")
-    with RawControl(gateway) as control:
+def test_epsv_all_allows_only_epsv(local_gateway: GatewayThread) -> None:
+    local_gateway.add_user("alice")
+    with RawControl(local_gateway) as control:
         control.send("USER alice", "PASS secret", "EPSV 2", "EPSV x", "EPSV ALL", "PASV", "PORT 127,0,0,1,200,10")
         assert control.codes(7) == ["331", "230", "522", "501", "200", "522", "522"]
         control.send("EPRT |1|127.0.0.1|51210|", "EPSV 1", "EPSV")
@@ -128,10 +128,10 @@ def test_a_hundred_sessions_share_twenty_passive_ports(tmp_path: Path) -> None:
                 session.quit()
 
 
-def test_passive_port_refuses_a_data_connection_from_another_host(gateway: GatewayThread) -> None:
-    gateway.add_user("alice")
-    gateway.files.put("alice", "secret.txt", b"for alice only")
-    client = ftp_login(gateway.host, gateway.port, "alice")
+def test_passive_port_refuses_a_data_connection_from_another_host(local_gateway: GatewayThread) -> None:
+    local_gateway.add_user("alice")
+    local_gateway.files.put("alice", "secret.txt", b"for alice only")
+    client = ftp_login(local_gateway.host, local_gateway.port, "alice")
     host, port = ftplib.parse227(client.ftp.sendcmd("PASV"))
     # Someone else (here 127.0.0.2, another loopback address) is quicker to the announced port ...
     intruder = socket.create_connection((host, port), timeout=5, source_address=("127.0.0.2", 0))
@@ -149,9 +149,9 @@ def test_passive_port_refuses_a_data_connection_from_another_host(gateway: Gatew
     client.quit()
 
 
-def test_commands_before_login_get_530_and_unknown_ones_502(gateway: GatewayThread) -> None:
-    gateway.add_user("alice")
-    with RawControl(gateway) as control:
+def test_commands_before_login_get_530_and_unknown_ones_502(local_gateway: GatewayThread) -> None:
+    local_gateway.add_user("alice")
+    with RawControl(local_gateway) as control:
         control.send("PWD", "CWD /", "LIST", "SIZE x", "MKD x", "SITE HELP", "TYPE I", "PASV", "FROB", "XPWD")
         assert control.codes(10) == ["530"] * 8 + ["502", "530"]
         control.send("HELP", "FEAT", "SYST", "NOOP", "USER", "OPTS")
@@ -180,9 +180,9 @@ def test_arguments_and_the_small_commands(backend_gateway: GatewayThread) -> Non
         assert replies[2].startswith('257 "/d"') and replies[5].startswith('257 "/"')
 
 
-def test_multi_line_replies_are_well_formed(gateway: GatewayThread) -> None:
-    gateway.add_user("alice")
-    with RawControl(gateway) as control:
+def test_multi_line_replies_are_well_formed(local_gateway: GatewayThread) -> None:
+    local_gateway.add_user("alice")
+    with RawControl(local_gateway) as control:
         for command in ("HELP", "FEAT"):
             control.send(command)
             lines = control.reply().splitlines()
@@ -281,9 +281,9 @@ def test_ftplib_abort_with_urgent_data(backend_gateway: GatewayThread) -> None:
     client.quit()
 
 
-def test_telnet_interrupt_before_abor_is_ignored(gateway: GatewayThread) -> None:
-    gateway.add_user("alice")
-    with RawControl(gateway) as control:
+def test_telnet_interrupt_before_abor_is_ignored(local_gateway: GatewayThread) -> None:
+    local_gateway.add_user("alice")
+    with RawControl(local_gateway) as control:
         control.send("USER alice", "PASS secret")
         assert control.codes(2) == ["331", "230"]
         control.sock.sendall(b"\xff\xf4\xff\xf2ABOR\r\n")  # IAC IP, IAC DM, as BSD ftp sends them

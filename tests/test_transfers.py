@@ -40,20 +40,20 @@ def variant_settings(request: pytest.FixtureRequest, tmp_path: Path, variant: st
 
 
 @pytest.fixture(params=VARIANTS)
-def gateway(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[GatewayThread]:
+def variant_gateway(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[GatewayThread]:
     with running(variant_settings(request, tmp_path, request.param)) as gw:
         yield gw
 
 
 @pytest.fixture
-def alice(gateway: GatewayThread) -> Iterator[FtplibClient]:
-    gateway.add_user("alice")
-    client = ftp_login(gateway.host, gateway.port, "alice")
+def alice(variant_gateway: GatewayThread) -> Iterator[FtplibClient]:
+    variant_gateway.add_user("alice")
+    client = ftp_login(variant_gateway.host, variant_gateway.port, "alice")
     yield client
     client.ftp.close()
 
 
-def test_rest_retr_append_and_resumed_stor(alice: FtplibClient, gateway: GatewayThread) -> None:
+def test_rest_retr_append_and_resumed_stor(alice: FtplibClient, variant_gateway: GatewayThread) -> None:
     data = random_bytes(3 * MiB + 17, seed=3)
     alice.stor("file.bin", data)
     buffer = io.BytesIO()
@@ -72,7 +72,7 @@ def test_rest_retr_append_and_resumed_stor(alice: FtplibClient, gateway: Gateway
     alice.ftp.storbinary("APPE new.log", io.BytesIO(b"line 1\n"))
     alice.ftp.storbinary("APPE new.log", io.BytesIO(b"line 2\n"))
     assert alice.retr("new.log") == b"line 1\nline 2\n"
-    assert gateway.files.pending_uploads("alice") == []
+    assert variant_gateway.files.pending_uploads("alice") == []
 
 
 def test_rest_applies_to_the_next_transfer_only(alice: FtplibClient) -> None:
@@ -126,7 +126,9 @@ def test_rename_replaces_a_file_but_never_a_directory(alice: FtplibClient) -> No
     assert alice.list() == {"final.txt": ("file", 3), "e": ("dir", 0)}
 
 
-def test_data_connection_reset_mid_upload_keeps_the_old_file(alice: FtplibClient, gateway: GatewayThread) -> None:
+def test_data_connection_reset_mid_upload_keeps_the_old_file(
+    alice: FtplibClient, variant_gateway: GatewayThread
+) -> None:
     alice.stor("doc.bin", OLD)
     data_socket = alice.ftp.transfercmd("STOR doc.bin")
     data_socket.sendall(random_bytes(12 * MiB))
@@ -137,16 +139,16 @@ def test_data_connection_reset_mid_upload_keeps_the_old_file(alice: FtplibClient
         alice.ftp.voidresp()
     assert str(excinfo.value).startswith("426")
     assert alice.retr("doc.bin") == OLD
-    gateway.wait_for_no_pending_uploads("alice")
-    assert gateway.files.files("alice") == {"doc.bin": OLD}
+    variant_gateway.wait_for_no_pending_uploads("alice")
+    assert variant_gateway.files.files("alice") == {"doc.bin": OLD}
 
 
-def test_abor_mid_upload_keeps_the_old_file(gateway: GatewayThread) -> None:
-    gateway.add_user("alice")
+def test_abor_mid_upload_keeps_the_old_file(variant_gateway: GatewayThread) -> None:
+    variant_gateway.add_user("alice")
 
     async def scenario() -> list[str]:
         client = aioftp.Client(socket_timeout=10)
-        await client.connect(gateway.host, gateway.port)
+        await client.connect(variant_gateway.host, variant_gateway.port)
         await client.login("alice", "secret")
         async with client.upload_stream("doc.bin") as stream:
             await stream.write(OLD)
@@ -162,24 +164,24 @@ def test_abor_mid_upload_keeps_the_old_file(gateway: GatewayThread) -> None:
         return names
 
     assert asyncio.run(scenario()) == ["doc.bin"]
-    gateway.wait_for_no_pending_uploads("alice")
-    assert gateway.files.files("alice") == {"doc.bin": OLD}
+    variant_gateway.wait_for_no_pending_uploads("alice")
+    assert variant_gateway.files.files("alice") == {"doc.bin": OLD}
 
 
-def test_killed_client_leaves_no_partial_file(gateway: GatewayThread, tmp_path: Path) -> None:
+def test_killed_client_leaves_no_partial_file(variant_gateway: GatewayThread, tmp_path: Path) -> None:
     curl = require_binary("curl")
-    gateway.add_user("alice")
-    gateway.files.put("alice", "big.bin", OLD)
+    variant_gateway.add_user("alice")
+    variant_gateway.files.put("alice", "big.bin", OLD)
     big = tmp_path / "big.bin"
     big.write_bytes(random_bytes(32 * MiB))
-    url = f"ftp://127.0.0.1:{gateway.port}/big.bin"
+    url = f"ftp://127.0.0.1:{variant_gateway.port}/big.bin"
     process = subprocess.Popen(
         [curl, "--silent", "--user", "alice:secret", "--limit-rate", "4M", "--upload-file", str(big), url]
     )
     try:
         deadline = time.monotonic() + 30
         # Local disk: the temporary file exists; S3: the multipart upload has begun (its first part is out).
-        while not gateway.files.pending_uploads("alice"):
+        while not variant_gateway.files.pending_uploads("alice"):
             assert time.monotonic() < deadline, "the upload never started"
             assert process.poll() is None
             time.sleep(0.02)
@@ -187,8 +189,8 @@ def test_killed_client_leaves_no_partial_file(gateway: GatewayThread, tmp_path: 
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    gateway.wait_for_no_pending_uploads("alice")
-    assert gateway.files.files("alice") == {"big.bin": OLD}
+    variant_gateway.wait_for_no_pending_uploads("alice")
+    assert variant_gateway.files.files("alice") == {"big.bin": OLD}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -248,14 +250,14 @@ def test_stalled_data_connection_times_out_and_leaves_nothing(
         assert gateway.files.files("alice") == {}
 
 
-def test_abor_mid_download_keeps_the_session(gateway: GatewayThread) -> None:
-    gateway.add_user("alice")
+def test_abor_mid_download_keeps_the_session(variant_gateway: GatewayThread) -> None:
+    variant_gateway.add_user("alice")
     big = random_bytes(64 * MiB)
-    gateway.files.put("alice", "big.bin", big)
+    variant_gateway.files.put("alice", "big.bin", big)
 
     async def scenario() -> bytes:
         client = aioftp.Client(socket_timeout=10)
-        await client.connect(gateway.host, gateway.port)
+        await client.connect(variant_gateway.host, variant_gateway.port)
         await client.login("alice", "secret")
         stream = await client.download_stream("big.bin")
         await stream.read(100_000)
@@ -270,17 +272,19 @@ def test_abor_mid_download_keeps_the_session(gateway: GatewayThread) -> None:
 
 
 @pytest.mark.parametrize("size", [0, 1, 5 * MiB, 5 * MiB + 1, 3 * 5 * MiB + 123])
-def test_sizes_around_part_boundaries(alice: FtplibClient, gateway: GatewayThread, size: int) -> None:
+def test_sizes_around_part_boundaries(alice: FtplibClient, variant_gateway: GatewayThread, size: int) -> None:
     data = random_bytes(size, seed=size)
     alice.stor("object.bin", data)
     assert alice.ftp.sendcmd("SIZE object.bin") == f"213 {size}"
     assert sha256(alice.retr("object.bin")) == sha256(data)
-    assert {n: sha256(d) for n, d in gateway.files.files("alice").items()} == {"object.bin": sha256(data)}
-    assert gateway.files.pending_uploads("alice") == []
+    assert {n: sha256(d) for n, d in variant_gateway.files.files("alice").items()} == {"object.bin": sha256(data)}
+    assert variant_gateway.files.pending_uploads("alice") == []
 
 
 @pytest.mark.parametrize("kept", [3 * MiB, 6 * MiB])
-def test_append_and_resume_below_and_above_5_mib(alice: FtplibClient, gateway: GatewayThread, kept: int) -> None:
+def test_append_and_resume_below_and_above_5_mib(
+    alice: FtplibClient, variant_gateway: GatewayThread, kept: int
+) -> None:
     """On S3 a kept head under 5 MiB is uploaded again, from 5 MiB on S3 copies it (UploadPartCopy)."""
     old = random_bytes(kept + 2 * MiB, seed=kept)
     alice.stor("data.bin", old)
@@ -291,12 +295,12 @@ def test_append_and_resume_below_and_above_5_mib(alice: FtplibClient, gateway: G
     alice.ftp.storbinary("STOR data.bin", io.BytesIO(resumed), rest=kept)
     expected = (old + more)[:kept] + resumed
     assert sha256(alice.retr("data.bin")) == sha256(expected)
-    assert {n: sha256(d) for n, d in gateway.files.files("alice").items()} == {"data.bin": sha256(expected)}
+    assert {n: sha256(d) for n, d in variant_gateway.files.files("alice").items()} == {"data.bin": sha256(expected)}
     # An append that is interrupted leaves the file as it was.
     data_socket = alice.ftp.transfercmd("APPE data.bin")
     data_socket.sendall(random_bytes(6 * MiB))
     data_socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     data_socket.close()
     assert_refused("426", alice.ftp.voidresp)
-    gateway.wait_for_no_pending_uploads("alice")
+    variant_gateway.wait_for_no_pending_uploads("alice")
     assert sha256(alice.retr("data.bin")) == sha256(expected)
