@@ -36,6 +36,27 @@ def missing(what: str) -> None:
     pytest.skip(f"{what} is missing")
 
 
+class WaitTimeout(AssertionError):
+    """What :func:`wait_until` raises when its condition did not come true in time."""
+
+
+def wait_until(condition: Callable[[], T], *, timeout: float, what: str, interval: float = 0.01) -> T:
+    """Call ``condition`` until it returns a truthy value, which is returned; after ``timeout`` seconds raise
+    AssertionError naming ``what`` and the last value seen. The pause between calls starts at ``interval`` and
+    doubles up to 0.1 s (or ``interval``, if that is longer); the condition is asked once more at the deadline."""
+    deadline = time.monotonic() + timeout
+    longest = max(interval, 0.1)
+    while True:
+        value = condition()
+        if value:
+            return value
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise WaitTimeout(f"gave up after {timeout} s waiting for {what}; last seen: {value!r}")
+        time.sleep(min(interval, remaining))
+        interval = min(interval * 2, longest)
+
+
 def require_binary(name: str) -> str:
     path = shutil.which(name)
     if path is None:
@@ -237,10 +258,16 @@ class GatewayThread:
 
     def wait_for_no_pending_uploads(self, name: str, timeout: float = 10) -> None:
         """An aborted upload is cleaned up just after the client got its error reply; wait for that."""
-        deadline = time.monotonic() + timeout
-        while pending := self.files.pending_uploads(name):
-            assert time.monotonic() < deadline, f"uploads left behind: {pending}"
-            time.sleep(0.02)
+        pending: list[str] = []
+
+        def none_pending() -> bool:
+            pending[:] = self.files.pending_uploads(name)
+            return not pending
+
+        try:
+            wait_until(none_pending, timeout=timeout, what=f"{name}'s aborted uploads to be cleaned up")
+        except WaitTimeout as exc:
+            raise AssertionError(f"uploads left behind: {pending}") from exc
 
     def sessions_of(self, name: str) -> int:
         assert self.server is not None
@@ -253,11 +280,16 @@ class GatewayThread:
 
     def wait_for_sessions(self, name: str, expected: int, timeout: float = 10) -> None:
         """The server counts a session's end just after the client saw 221; wait until it has."""
-        deadline = time.monotonic() + timeout
-        while self.sessions_of(name) != expected:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{name} still has {self.sessions_of(name)} sessions, expected {expected}")
-            time.sleep(0.01)
+        counted: list[int] = []
+
+        def settled() -> bool:
+            counted[:] = [self.sessions_of(name)]
+            return counted[0] == expected
+
+        try:
+            wait_until(settled, timeout=timeout, what=f"{name} to have {expected} sessions")
+        except WaitTimeout as exc:
+            raise AssertionError(f"{name} still has {counted[0]} sessions, expected {expected}") from exc
 
 
 @contextmanager

@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from tests.helpers import (
     random_bytes,
     running,
     sha256,
+    wait_until,
 )
 
 OLD = b"the previous version\n"
@@ -139,10 +139,7 @@ def test_s3_outage_mid_upload(tmp_path: Path) -> None:
             client = ftp_login(gateway.host, gateway.port, "alice")
             data_socket = client.ftp.transfercmd("STOR doc.bin")
             data_socket.sendall(random_bytes(11 * MiB))
-            deadline = time.monotonic() + 20
-            while not gateway.files.pending_uploads("alice"):
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            wait_until(lambda: gateway.files.pending_uploads("alice"), timeout=20, what="the multipart upload to begin")
             moto.stop()
             try:
                 data_socket.sendall(random_bytes(6 * MiB))

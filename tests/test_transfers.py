@@ -20,7 +20,16 @@ import pytest
 from gateway.config import Settings
 from pathio_backends.base import RESERVED_PREFIX
 from tests.clients import FtplibClient, assert_refused, ftp_login
-from tests.helpers import GatewayThread, MiB, gateway_settings, random_bytes, require_binary, running, sha256
+from tests.helpers import (
+    GatewayThread,
+    MiB,
+    gateway_settings,
+    random_bytes,
+    require_binary,
+    running,
+    sha256,
+    wait_until,
+)
 
 OLD = b"the previous version\n"
 
@@ -178,13 +187,15 @@ def test_killed_client_leaves_no_partial_file(variant_gateway: GatewayThread, tm
     process = subprocess.Popen(
         [curl, "--silent", "--user", "alice:secret", "--limit-rate", "4M", "--upload-file", str(big), url]
     )
+
+    def upload_started() -> list[str]:
+        pending = variant_gateway.files.pending_uploads("alice")
+        assert pending or process.poll() is None
+        return pending
+
     try:
-        deadline = time.monotonic() + 30
         # Local disk: the temporary file exists; S3: the multipart upload has begun (its first part is out).
-        while not variant_gateway.files.pending_uploads("alice"):
-            assert time.monotonic() < deadline, "the upload never started"
-            assert process.poll() is None
-            time.sleep(0.02)
+        wait_until(upload_started, timeout=30, what="the upload to start")
         time.sleep(0.5)
     finally:
         process.send_signal(signal.SIGKILL)
