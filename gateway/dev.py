@@ -15,10 +15,11 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from gateway.config import DatabaseSettings, S3Settings, Settings, StorageSettings
+from gateway.config import DatabaseSettings, Settings, StorageSettings
 from gateway.server import GatewayServer, format_address
 from gateway.users.passwords import Passwords
 from gateway.users.store import UserChanges, UserExists, UserStore
+from pathio_backends.s3.settings import S3Settings
 
 logger = logging.getLogger(__name__)
 

@@ -13,17 +13,19 @@ import errno
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import aioftp
-
-from gateway.log import session_context
 
 logger = logging.getLogger(__name__)
 
 
 class DataConnectionError(ConnectionError):
     """The data connection failed or closed in mid-transfer (RFC 959: 426)."""
+
+
+class NoDataConnection(ConnectionError):
+    """No data connection could be made for a transfer: the client never connected, or active mode failed (425)."""
 
 
 class RestartOffsetError(OSError):
@@ -36,6 +38,7 @@ class RestartOffsetError(OSError):
 # Looked up in this order: our own exception types, then the errno of an OSError, then builtin types.
 _OWN: tuple[tuple[type[BaseException], str, str], ...] = (
     (RestartOffsetError, "554", "Invalid REST parameter."),
+    (NoDataConnection, "425", "Can't open data connection."),
     (DataConnectionError, "426", "Connection closed; transfer aborted."),
 )
 _BY_ERRNO: dict[int, tuple[str, str]] = {
@@ -104,18 +107,18 @@ def _log(exc: BaseException, code: str, expected: bool, command: str) -> None:
     inner = unwrap(exc)
     if expected:
         logger.warning(
-            "%s failed: %s %s (errno %s, path %s)",
+            "%s failed: %s %s (errno %s, path %s) %s",
             command,
             code,
             type(inner).__name__,
             getattr(inner, "errno", None),
             getattr(inner, "filename", None),
+            getattr(inner, "strerror", None) or inner,
         )
     else:
         logger.error("%s failed: %s %r", command, code, inner, exc_info=inner)
 
 
-R = TypeVar("R")
 Handler = Callable[[aioftp.Connection, Any], Awaitable[bool]]
 
 
@@ -124,41 +127,32 @@ def command_errors(name: str, handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def guarded(connection: aioftp.Connection, rest: Any) -> bool:
-        session_context.set(describe_session(connection))
         try:
             return await handler(connection, rest)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            code, text, expected = reply_for(exc)
-            _log(exc, code, expected, name.upper())
-            connection.response(code, text)
+            answer(connection, exc, name)
             return True
 
     return guarded
 
 
-def transfer_errors(worker: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R | None]]:
-    """Wrap a transfer worker (after its 150 reply) so its errors become 4xx replies.
+async def transfer_errors(connection: aioftp.Connection, verb: str, transfer: Awaitable[None]) -> None:
+    """Await what a transfer does after its 150 reply; an error becomes a 4xx reply (only those fit after a 150).
 
     Cancellation (ABOR, a dropped session) passes through to aioftp's ``@worker``, which answers 426 + 226.
     """
-
-    @functools.wraps(worker)
-    async def guarded(self: Any, connection: aioftp.Connection, rest: Any) -> R | None:
-        try:
-            return await worker(self, connection, rest)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            code, text, expected = reply_for(exc, transfer=True)
-            _log(exc, code, expected, worker.__name__.removesuffix("_worker").upper())
-            connection.response(code, text)
-            return None
-
-    return guarded
+    try:
+        await transfer
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        answer(connection, exc, verb, transfer=True)
 
 
-def describe_session(connection: aioftp.Connection) -> str:
-    user = connection.user.login if connection.future.user.done() and connection.user is not None else "-"
-    return f"{connection.client_host}:{connection.client_port} {user}"
+def answer(connection: aioftp.Connection, exc: BaseException, command: str, *, transfer: bool = False) -> None:
+    """Log ``exc`` once and answer it with its reply (``transfer``: after a 150, see :func:`reply_for`)."""
+    code, text, expected = reply_for(exc, transfer=transfer)
+    _log(exc, code, expected, command.upper())
+    connection.response(code, text)

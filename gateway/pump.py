@@ -26,6 +26,7 @@ from typing import Any, TypeVar, cast
 
 from aioftp.common import ThrottleStreamIO
 
+from gateway import aioftp_compat
 from gateway.errors import DataConnectionError
 
 T = TypeVar("T")
@@ -45,18 +46,15 @@ class TransferPump:
         """A thread is free, the transport is a plain socket (not TLS), and no speed limit applies."""
         if self._free <= 0 or stream.writer.transport.get_extra_info("sslcontext") is not None:
             return False
-        if getattr(stream.reader, "_buffer", None) is None:
+        if not aioftp_compat.has_buffer(stream.reader):
             return False
         return not any(getattr(throttle, direction).limit for throttle in stream.throttles.values())
 
     async def upload(self, stream: ThrottleStreamIO, fd: int, block_size: int, idle_seconds: float | None) -> int:
         """Copy the data connection into ``fd`` until the client closes it; returns the byte count."""
-        reader = stream.reader
         cast(asyncio.Transport, stream.writer.transport).pause_reading()
-        # What the transport read before the pause is in the StreamReader (no public way to take it).
-        buffered: bytearray = getattr(reader, "_buffer")  # noqa: B009
-        first, at_eof = bytes(buffered), bool(getattr(reader, "_eof"))  # noqa: B009
-        buffered.clear()
+        # What the transport read before the pause is in the StreamReader: it goes first.
+        first, at_eof = aioftp_compat.take_buffered(stream.reader)
         return await self._run(stream, idle_seconds, lambda sock: _receive_into(sock, fd, first, at_eof, block_size))
 
     async def download(self, stream: ThrottleStreamIO, fd: int, offset: int, idle_seconds: float | None) -> int:

@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import socket
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import aioftp
 
-from gateway.commands.base import Handler, get, in_order
 from gateway.commands.basic import ALIASES, NEEDS_ARGUMENT, PUBLIC_VERBS, BasicCommands
 from gateway.commands.checksums import ChecksumCommands
+from gateway.commands.control import ControlConnection
 from gateway.commands.data import DataChannelCommands
 from gateway.commands.files import FileCommands
 from gateway.commands.listing import ListingCommands
-from gateway.commands.session import SessionCommands
+from gateway.commands.login import LoginCommands
 from gateway.commands.transfer import TransferCommands
 from gateway.config import Settings
-from gateway.errors import command_errors
-from gateway.pump import TransferPump
+from gateway.datachannel import DataChannel
+from gateway.errors import Handler, command_errors
+from gateway.log import session_context
+from gateway.session import SessionState
 from gateway.users.db import create_engine, display_url, ensure_schema
 from gateway.users.facts import DatabaseObjectFacts
 from gateway.users.manager import DatabaseUserManager
@@ -33,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 
 class GatewayServer(
-    SessionCommands,
+    ControlConnection,
+    LoginCommands,
     BasicCommands,
     DataChannelCommands,
     TransferCommands,
@@ -44,59 +47,71 @@ class GatewayServer(
     """aioftp's server with the gateway's handlers; every handler answers its own errors (gateway.errors)."""
 
     def __init__(self, settings: Settings, user_manager: DatabaseUserManager) -> None:
-        passive = settings.passive
-        super().__init__(
-            users=user_manager,
-            block_size=settings.transfer.block_size,
-            socket_timeout=settings.timeouts.socket,
-            idle_timeout=settings.timeouts.idle,
-            wait_future_timeout=settings.timeouts.data_connection,
-            path_timeout=settings.timeouts.path,
-            # Sessions get their user's own backend at login; every path command needs a login first, so this
-            # in-memory one is never used (and touches no disk if it were).
-            path_io_factory=aioftp.MemoryPathIO,  # type: ignore[arg-type]
-            maximum_connections=settings.limits.max_connections,
-            ipv4_pasv_forced_response_address=str(passive.masquerade_address) if passive.masquerade_address else None,
-            data_ports=passive.ports,
-            encoding="utf-8",
-            welcome_message=settings.welcome_message,
-        )
-        self.settings = settings
-        self.user_manager = user_manager
-        threads = settings.transfer.pump_threads
-        self.pump = TransferPump(threads) if threads else None
-        # aioftp keeps a throttle per User object forever; weak keys drop it with the user's last session.
-        self.throttle_per_user = weakref.WeakKeyDictionary()  # type: ignore[assignment]
+        super().__init__(settings, user_manager)
         for cls in reversed(type(self).__mro__):
             for verb, method in getattr(cls, "NEW_COMMANDS", {}).items():
                 self.commands_mapping[verb] = getattr(self, method)
         for alias, verb in ALIASES.items():
             self.commands_mapping[alias] = self.commands_mapping[verb]
-        self.commands_mapping = {
-            verb: in_order(command_errors(verb, gate(verb, handler))) for verb, handler in self.commands_mapping.items()
-        }
+        self.commands_mapping = {verb: self._command(verb, handler) for verb, handler in self.commands_mapping.items()}
+
+    def _command(self, verb: str, handler: Handler) -> Handler:
+        """What every command goes through, from the outside in: the session's log context; one command at a time
+        per session, in the order they arrived; errors as replies (``errors.command_errors``); :func:`gate`.
+
+        aioftp's dispatcher starts a task per command as soon as it is read, so when a client sends several
+        commands at once (lftp and curl pipeline), a slow one (PASV opening a port) could answer after a fast
+        one that came later (SIZE): the client then pairs replies with the wrong commands. The tasks start in
+        arrival order and an asyncio.Lock is fair, so taking one lock per session restores the order. Transfers
+        run in workers, outside the lock, so ABOR is not held up by them.
+        """
+        guarded = command_errors(verb, gate(verb, handler, self.session))
+
+        @functools.wraps(handler)
+        async def command(connection: aioftp.Connection, rest: str) -> bool:
+            session = self.session(connection)
+            session_context.set(session.describe())
+            async with session.command_lock:
+                return await guarded(connection, rest)
+
+        return command
 
     async def dispatcher(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """aioftp's dispatcher, run as it is. Around it: urgent data stays in the stream (clients send ABOR as
-        TCP urgent data, whose last byte Linux would otherwise take out of the line), and a session cancelled
-        by ``close()`` ends quietly: Python 3.11's ``start_server`` callback would log it as an error."""
+        """aioftp's dispatcher, run as it is, with the session's state around it: made when the control
+        connection is accepted, its data channel released when the connection ends. Urgent data stays in the
+        stream (clients send ABOR as TCP urgent data, whose last byte Linux would otherwise take out of the line),
+        and a session cancelled by ``close()`` ends quietly: Python 3.11's ``start_server`` callback would log it
+        as an error."""
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+        host, port, *_ = writer.get_extra_info("peername") or ("", 0)
+        local_host, *_ = writer.get_extra_info("sockname")
+        data = DataChannel(
+            self.passive_ports,
+            client_host=host,
+            server_host=local_host,
+            connect_timeout=self.settings.timeouts.data_connection,
+            socket_timeout=self.settings.timeouts.socket,
+        )
+        self.sessions[writer] = SessionState(client_host=host, client_port=port, data=data)
         try:
             await super().dispatcher(reader, writer)
         except asyncio.CancelledError:
             pass
+        finally:
+            del self.sessions[writer]
+            data.release()
 
 
-def gate(verb: str, handler: Handler) -> Handler:
+def gate(verb: str, handler: Handler, session_of: Callable[[aioftp.Connection], SessionState]) -> Handler:
     """What every command is checked for before its handler runs: a login (530, RFC 959's reply for it,
     where aioftp answers 503), an argument where one is needed (501), no NUL or CR in it (501)."""
 
     async def gated(connection: aioftp.Connection, rest: str) -> bool:
         if verb.startswith(" "):
             return await handler(connection, rest)  # parse_command's pseudo-verbs carry no argument
-        if verb not in PUBLIC_VERBS and not get(connection, "logged"):
+        if verb not in PUBLIC_VERBS and session_of(connection).user is None:
             connection.response("530", "Please log in with USER and PASS.")
         elif "\x00" in rest or "\r" in rest:
             connection.response("501", "Arguments may not contain NUL or CR.")
@@ -135,7 +150,7 @@ async def running_gateway(settings: Settings) -> AsyncIterator[GatewayServer]:
         await ensure_schema(engine)
         store = UserStore(engine)
         logger.info("users in %s", display_url(engine.url))
-        resources = BackendResources(facts=DatabaseObjectFacts(engine))
+        resources = BackendResources(s3=settings.s3, facts=DatabaseObjectFacts(engine))
         stack.push_async_callback(resources.aclose)
         server = GatewayServer(settings, DatabaseUserManager(store, settings, resources))
         if server.pump is not None:

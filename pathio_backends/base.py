@@ -1,9 +1,30 @@
-"""What every backend shares: the factory interface, uploads that commit or abort, and a listing's stat cache.
+"""What every backend shares: explicit uploads and downloads, and aioftp's path-io contract built on them.
 
-aioftp's ``AsyncPathIOContext.__aexit__`` ignores the exception it is given and always awaits ``close()``.
-A backend that published an upload in ``close()`` would publish a truncated file after ABOR or a dropped
-client. Here ``open()`` returns a context that *commits* only when its block ends without an exception, and
-``close()`` of an upload that was not committed *aborts* it: nothing partial is ever visible.
+The gateway's handlers use the explicit lifecycle, one owner from start to end::
+
+    upload = await path_io.begin_upload(path, offset=0, append=False)   # 550 now, not after the 150
+    try:
+        await upload.write(block)                                        # ... as the data arrives
+        await upload.commit()                                            # the file appears, whole
+    finally:
+        await upload.abort()                                             # nothing, once committed
+
+``begin_download(path, offset=...)`` gives a :class:`Download` to ``read`` and ``close`` the same way.
+
+aioftp's contract (``open``/``read``/``write``/``seek``/``close``, ``list``, ``stat``, ...) is kept on top of the same
+uploads and downloads, so aioftp's own handlers, and anyone who uses a backend as an aioftp path-io, get what
+``aioftp.PathIO`` gives: errors at ``open`` (a missing file or parent, a directory), ``list()`` of a missing path or
+of a file yields nothing, a file method called with the ``open()`` context instead of its file is a ValueError.
+Deviations, each on purpose:
+
+* aioftp's ``AsyncPathIOContext.__aexit__`` ignores the exception it is given and always awaits ``close()``; a
+  backend that published an upload in ``close()`` would publish a truncated file after ABOR or a dropped client.
+  So an upload is published when its ``async with path_io.open(...)`` block ends without an exception, or by
+  ``await path_io.commit(file)``; ``close()`` alone discards it (also in aioftp's "boring" style).
+* ``r+b`` with ``seek(n)`` (REST + STOR) keeps the first ``n`` bytes and replaces everything after them: the old
+  tail is dropped, as a resumed upload sends the rest of the file (vsftpd does the same).
+* A file opened for writing seeks only before its first write (``r+b``), or to 0 (``wb``).
+* Listings come sorted by name, without the temporary files of uploads in progress.
 """
 
 from __future__ import annotations
@@ -11,153 +32,23 @@ from __future__ import annotations
 import abc
 import asyncio
 import errno
-import functools
-import hashlib
 import io
 import os
-import threading
+import stat
 import time
-import zlib
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, Self, TypeVar
+from typing import Any, Literal
 
 from aioftp import AbstractPathIO, Connection
-from aioftp.pathio import AsyncPathIOContext, universal_exception
+from aioftp.pathio import AsyncPathIOContext, defend_file_methods, universal_exception
 
-if TYPE_CHECKING:
-    from gateway.config import Settings
-    from pathio_backends import BackendResources
-
-T = TypeVar("T")
-P = ParamSpec("P")
+from pathio_backends.digests import DIGESTS, hash_fd, hash_stream
+from pathio_backends.tasks import run_to_completion, with_timeout
 
 # Name of an upload in progress on local disk; hidden from listings and refused as a client's file name.
 RESERVED_PREFIX = ".ftp-gateway-upload."
-# Bytes hashed per worker-thread hop when a digest is computed from a stream.
-HASH_BATCH = 8 * 1024 * 1024
-HASH_READ = 1024 * 1024
-
-
-class Hasher(Protocol):
-    def update(self, data: bytes, /) -> None: ...
-
-    def hexdigest(self) -> str: ...
-
-
-class Crc32:
-    """CRC-32 (zlib's, as in ZIP and Ethernet) with hashlib's interface."""
-
-    def __init__(self) -> None:
-        self._value = 0
-
-    def update(self, data: bytes, /) -> None:
-        self._value = zlib.crc32(data, self._value)
-
-    def hexdigest(self) -> str:
-        return f"{self._value:08x}"
-
-
-# Digest algorithms a backend computes (names as hashlib's); the FTP names live in gateway.commands.checksums.
-DIGESTS: dict[str, Callable[[], Hasher]] = {
-    "sha256": hashlib.sha256,
-    "sha1": hashlib.sha1,
-    "md5": hashlib.md5,
-    "crc32": Crc32,
-}
-
-
-def update_all(hasher: Hasher, blocks: Iterable[bytes]) -> None:
-    """Feed blocks to a hasher; run in a worker thread (hashlib and zlib release the GIL on large buffers)."""
-    for block in blocks:
-        hasher.update(block)
-
-
-async def hash_stream(read: Callable[[int], Awaitable[bytes]], hasher: Hasher) -> None:
-    """Hash what ``read`` returns until it returns nothing, at most :data:`HASH_BATCH` bytes held at a time;
-    the hashing runs in worker threads, off the event loop."""
-    pending: list[bytes] = []
-    size = 0
-    while block := await read(HASH_READ):
-        pending.append(block)
-        size += len(block)
-        if size >= HASH_BATCH:
-            await asyncio.to_thread(update_all, hasher, pending)
-            pending, size = [], 0
-    if pending:
-        await asyncio.to_thread(update_all, hasher, pending)
-
-
-def _hash_fd(fd: int, offset: int, hasher: Hasher, stop: threading.Event) -> None:
-    while not stop.is_set():
-        block = os.pread(fd, HASH_BATCH, offset)
-        if not block:
-            return
-        hasher.update(block)
-        offset += len(block)
-
-
-@dataclass(frozen=True)
-class ObjectFact:
-    """What the gateway knows of one stored object beyond what a listing says: its SHA-256 (computed while it
-    was uploaded) and a modification time set by MFMT. Valid only while the object still has ``etag``."""
-
-    etag: str
-    sha256: str | None = None
-    mtime: float | None = None
-
-
-class ObjectFacts(Protocol):
-    """Where the facts of a storage's objects are kept (the gateway's database), keyed by container and key.
-    A backend runs without one; it then answers from the objects alone."""
-
-    async def lookup(self, container: str, keys: Sequence[str]) -> dict[str, ObjectFact]: ...
-
-    async def record(self, container: str, key: str, fact: ObjectFact) -> None: ...
-
-    async def move(self, container: str, moves: Sequence[tuple[str, str, str, str]]) -> None:
-        """Carry facts over renames: ``(old key, old etag, new key, new etag)`` each."""
-
-    async def forget(self, container: str, keys: Sequence[str]) -> None: ...
-
-
-def with_timeout(
-    method: Callable[Concatenate[Any, P], Awaitable[T]],
-) -> Callable[Concatenate[Any, P], Awaitable[T]]:
-    """Bound a method by its object's ``timeout`` (aioftp's ``path_timeout``), like aioftp's ``with_timeout``.
-
-    aioftp's version uses ``asyncio.wait_for``, which on Python 3.11 swallows a cancellation that arrives as the
-    awaited call completes: an ABOR during a steady upload could be lost. ``asyncio.timeout`` does not.
-    """
-
-    @functools.wraps(method)
-    async def bounded(self: Any, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        async with asyncio.timeout(self.timeout):
-            return await method(self, *args, **kwargs)
-
-    return bounded
-
-
-async def run_to_completion(coro: Awaitable[T]) -> T:
-    """Await ``coro`` to its end even if the caller is cancelled meanwhile, then re-raise the cancellation.
-
-    Cleanup (closing a file, aborting an upload) must not be cut short by the very ABOR or disconnect
-    that triggered it.
-    """
-    task = asyncio.ensure_future(coro)
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(task)
-            break
-        except asyncio.CancelledError:
-            if task.done():
-                raise
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError
-    return result
 
 
 def check_name(path: Path) -> None:
@@ -170,52 +61,95 @@ def check_name(path: Path) -> None:
 
 
 class Upload(abc.ABC):
-    """An upload in progress: nothing is visible until :meth:`commit`; :meth:`abort` leaves no trace."""
+    """An upload in progress (from :meth:`TransactionalPathIO.begin_upload`): nothing is visible until
+    :meth:`commit`, and :meth:`abort` leaves no trace. Exactly one of the two takes effect, so the owner calls
+    ``abort()`` in a ``finally``: after a commit it does nothing. Each call is bounded by the path timeout."""
 
-    @abc.abstractmethod
-    async def write(self, data: bytes) -> None: ...
+    def __init__(self) -> None:
+        self.state: Literal["open", "committed", "aborted"] = "open"
+        self.timeout: float | None = None
 
-    @abc.abstractmethod
-    async def commit(self) -> None: ...
+    async def write(self, data: bytes) -> None:
+        self._check_open()
+        async with asyncio.timeout(self.timeout):
+            await self._write(data)
 
-    @abc.abstractmethod
-    async def abort(self) -> None: ...
+    async def commit(self) -> None:
+        """Publish the upload: the new content replaces the old one at once (an empty upload is an empty file).
+        If this fails or is cancelled half-way, the upload stays open for ``abort()``."""
+        self._check_open()
+        async with asyncio.timeout(self.timeout):
+            await self._commit()
+        self.state = "committed"
+
+    async def abort(self) -> None:
+        """Discard the upload; it runs to its end even when the caller is cancelled meanwhile (ABOR, a dropped
+        session), since that is when it is needed."""
+        if self.state == "open":
+            self.state = "aborted"
+            await run_to_completion(self._abort())
 
     def fileno(self) -> int | None:
         """A descriptor the caller may write the rest of the upload to with blocking calls, or None."""
         return None
 
+    def _check_open(self) -> None:
+        if self.state != "open":
+            raise ValueError(f"upload already {self.state}")
+
+    @abc.abstractmethod
+    async def _write(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def _commit(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _abort(self) -> None: ...
+
 
 class Download(abc.ABC):
-    @abc.abstractmethod
-    async def read(self, size: int) -> bytes: ...
+    """A file being read (from :meth:`TransactionalPathIO.begin_download`): ``read`` until it returns nothing,
+    then ``close``. Reads are bounded by the path timeout; ``close`` runs to its end even when cancelled."""
 
-    @abc.abstractmethod
-    async def close(self) -> None: ...
+    def __init__(self, offset: int) -> None:
+        self.position = offset
+        self.timeout: float | None = None
+
+    async def read(self, size: int = -1) -> bytes:
+        async with asyncio.timeout(self.timeout):
+            data = await self._read(size)
+        self.position += len(data)
+        return data
+
+    async def close(self) -> None:
+        await run_to_completion(self._close())
 
     def fileno(self) -> int | None:
         """A descriptor the caller may read with blocking calls (positioned reads only), or None."""
         return None
 
+    @abc.abstractmethod
+    async def _read(self, size: int) -> bytes: ...
+
+    @abc.abstractmethod
+    async def _close(self) -> None: ...
+
 
 @dataclass(eq=False)
 class FileHandle:
-    """What ``_open`` returns: the transfer starts on the first read or write, so a ``seek`` may come first."""
+    """What aioftp's ``open()`` returns: the file's upload or download, begun at ``open`` (``r+b``: at the first
+    write, after the ``seek`` that gives its offset)."""
 
     path: Path
     mode: str
     offset: int = 0
+    written: int = 0
     upload: Upload | None = None
     download: Download | None = None
-    finished: bool = False
-
-    @property
-    def writing(self) -> bool:
-        return self.mode != "rb"
 
 
 class TransactionalContext(AsyncPathIOContext):
-    """``async with path_io.open(path, "wb") as f:`` commits when the block succeeds and aborts otherwise."""
+    """``async with path_io.open(path, "wb") as f:`` commits when the block succeeds and discards otherwise."""
 
     pathio: TransactionalPathIO  # type: ignore[assignment]
     file: FileHandle  # type: ignore[assignment]
@@ -224,31 +158,17 @@ class TransactionalContext(AsyncPathIOContext):
         if self.close is None:
             return
         try:
-            if exc_type is None and self.file.writing:
+            if exc_type is None and self.file.mode != "rb":
                 await self.pathio.commit(self.file)
         finally:
-            await run_to_completion(self.pathio.close(self.file))
-
-
-class Entered:
-    """An ``open()`` context that was entered elsewhere, for an ``async with`` that only has to leave it."""
-
-    def __init__(self, context: AsyncPathIOContext) -> None:
-        self.context = context
-
-    async def __aenter__(self) -> AsyncPathIOContext:
-        return self.context
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self.context.__aexit__(*exc_info)
+            await self.pathio.close(self.file)
 
 
 class TransactionalPathIO(AbstractPathIO[Path]):
-    """File operations of ``AbstractPathIO`` expressed as uploads that commit or abort and plain downloads.
-
-    A backend implements :meth:`_begin_upload` and :meth:`_begin_download`; the stat cache lets ``exists``
-    and ``stat`` calls that aioftp makes for each listed entry be answered from what the listing returned.
-    """
+    """A backend: :meth:`begin_upload` and :meth:`begin_download` for the gateway's transfers, aioftp's contract
+    for everything else. A backend implements ``_probe``, ``_begin_upload``, ``_begin_download``, ``list`` and the
+    changes (``mkdir``, ``rmdir``, ``unlink``, ``rename``); the stat cache lets the ``exists``/``stat`` calls made for
+    each listed entry be answered from what the listing returned."""
 
     # How long a listed entry's stat answers ``exists``/``stat`` without asking the storage again.
     LISTING_CACHE_SECONDS = 5.0
@@ -262,6 +182,63 @@ class TransactionalPathIO(AbstractPathIO[Path]):
     ) -> None:
         super().__init__(timeout=timeout, connection=connection, state=state)
         self._listed: dict[Path, tuple[float, os.stat_result]] = {}
+
+    # -- what a backend provides -----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def _probe(self, path: Path) -> os.stat_result | None:
+        """The stat of what ``path`` names, or None if nothing is there (or it is not the user's to see)."""
+
+    @abc.abstractmethod
+    async def _begin_upload(self, path: Path, *, offset: int, append: bool) -> Upload:
+        """Start an upload to ``path`` keeping the first ``offset`` bytes of the old file (all of them if append).
+        If cancelled half-way, it releases what it made."""
+
+    @abc.abstractmethod
+    async def _begin_download(self, path: Path, *, offset: int) -> Download: ...
+
+    # -- the explicit lifecycle ------------------------------------------------------------------------
+
+    @with_timeout
+    async def begin_upload(self, path: Path, *, offset: int = 0, append: bool = False) -> Upload:
+        """Start an upload (see the module docstring); a path that cannot be written fails here."""
+        check_name(path)
+        self._forget_listed()
+        upload = await self._begin_upload(path, offset=offset, append=append)
+        upload.timeout = self.timeout
+        return upload
+
+    @with_timeout
+    async def begin_download(self, path: Path, *, offset: int = 0) -> Download:
+        """Start reading a file from ``offset``; a missing file or a directory fails here."""
+        check_name(path)
+        download = await self._begin_download(path, offset=offset)
+        download.timeout = self.timeout
+        return download
+
+    async def digest(self, path: Path, algorithm: str) -> str:
+        """The hex digest (an algorithm of ``digests.DIGESTS``) of a file, computed off the event loop with
+        bounded memory: from a descriptor in a worker thread where the backend has one, else streamed.
+        Not bounded by the path timeout as a whole: it takes as long as reading the file."""
+        hasher = DIGESTS[algorithm]()
+        download = await self.begin_download(path)
+        try:
+            fd = download.fileno()
+            if fd is None:
+                await hash_stream(download.read, hasher)
+            else:
+                await hash_fd(fd, 0, hasher)
+        finally:
+            await download.close()
+        return hasher.hexdigest()
+
+    async def set_mtime(self, path: Path, mtime: float) -> None:
+        """MFMT: set a file's modification time (seconds since the epoch, UTC)."""
+        raise OSError(errno.EOPNOTSUPP, "modification times cannot be set on this storage", str(path))
+
+    async def chmod(self, path: Path, mode: int) -> None:
+        """SITE CHMOD: storage without modes (S3) takes it as a no-op, so clients that chmod after each upload
+        do not fail."""
 
     # -- listing cache ---------------------------------------------------------------------------------
 
@@ -281,14 +258,41 @@ class TransactionalPathIO(AbstractPathIO[Path]):
     def _forget_listed(self) -> None:
         self._listed.clear()
 
-    # -- transfers -------------------------------------------------------------------------------------
+    async def _cached_probe(self, path: Path) -> os.stat_result | None:
+        cached = self._listed_stat(path)
+        return cached if cached is not None else await self._probe(path)
+
+    # -- aioftp's contract: queries --------------------------------------------------------------------
+
+    @universal_exception
+    @with_timeout
+    async def exists(self, path: Path) -> bool:
+        return await self._cached_probe(path) is not None
+
+    @universal_exception
+    @with_timeout
+    async def is_dir(self, path: Path) -> bool:
+        st = await self._cached_probe(path)
+        return st is not None and stat.S_ISDIR(st.st_mode)
+
+    @universal_exception
+    @with_timeout
+    async def is_file(self, path: Path) -> bool:
+        st = await self._cached_probe(path)
+        return st is not None and stat.S_ISREG(st.st_mode)
+
+    @universal_exception
+    @with_timeout
+    async def stat(self, path: Path) -> os.stat_result:
+        st = await self._cached_probe(path)
+        if st is None:
+            raise FileNotFoundError(errno.ENOENT, "no such file or directory", str(path))
+        return st
 
     @abc.abstractmethod
-    async def _begin_upload(self, path: Path, *, offset: int, append: bool) -> Upload:
-        """Start an upload to ``path`` keeping the first ``offset`` bytes of the old file (all of them if append)."""
+    def list(self, path: Path) -> AsyncIterator[Path]: ...
 
-    @abc.abstractmethod
-    async def _begin_download(self, path: Path, *, offset: int) -> Download: ...
+    # -- aioftp's contract: files ----------------------------------------------------------------------
 
     def open(self, *args: Any, **kwargs: Any) -> AsyncPathIOContext:
         return TransactionalContext(self, args, kwargs)  # type: ignore[arg-type]
@@ -297,121 +301,75 @@ class TransactionalPathIO(AbstractPathIO[Path]):
     async def _open(self, path: Path, mode: str = "rb") -> FileHandle:  # type: ignore[override]
         if mode not in self.MODES:
             raise ValueError(f"unsupported mode {mode!r}")
-        check_name(path)
-        return FileHandle(path=path, mode=mode)
+        file = FileHandle(path=path, mode=mode)
+        if mode == "rb":
+            file.download = await self.begin_download(path)
+        elif mode == "r+b":
+            check_name(path)
+            found = await self._probe(path)
+            if found is None:
+                raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
+            if stat.S_ISDIR(found.st_mode):
+                raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+        else:
+            file.upload = await self.begin_upload(path, append=mode == "ab")
+        return file
 
     @universal_exception
+    @defend_file_methods
     async def seek(self, file: FileHandle, offset: int, whence: int = io.SEEK_SET) -> int:  # type: ignore[override]
         if whence != io.SEEK_SET or offset < 0:
             raise io.UnsupportedOperation("only an absolute, non-negative seek is supported")
-        if file.upload is not None or file.download is not None:
-            raise io.UnsupportedOperation("seek after the transfer started")
-        file.offset = offset
+        if file.mode == "rb":
+            if file.download is not None and file.download.position != offset:
+                download, file.download = file.download, None
+                await download.close()
+            file.offset = offset
+        elif file.mode == "r+b" and file.upload is None:
+            file.offset = offset
+        elif not (file.mode == "wb" and offset == file.written == 0):
+            raise io.UnsupportedOperation("a file being written seeks only before its first write (r+b)")
         return offset
 
-    async def _upload(self, file: FileHandle) -> Upload:
-        if not file.writing:
-            raise io.UnsupportedOperation("file opened for reading")
-        if file.finished:
-            raise ValueError("upload already finished")
-        if file.upload is None:
-            self._forget_listed()
-            file.upload = await self._begin_upload(file.path, offset=file.offset, append=file.mode == "ab")
-        return file.upload
-
     @universal_exception
-    @with_timeout
+    @defend_file_methods
     async def write(self, file: FileHandle, data: bytes) -> int:  # type: ignore[override]
-        upload = await self._upload(file)
+        upload = await self._upload_of(file)
         await upload.write(data)
+        file.written += len(data)
         return len(data)
 
-    async def _download(self, file: FileHandle) -> Download:
-        if file.writing:
+    @universal_exception
+    @defend_file_methods
+    async def read(self, file: FileHandle, block_size: int = -1) -> bytes:  # type: ignore[override]
+        if file.mode != "rb":
             raise io.UnsupportedOperation("file opened for writing")
         if file.download is None:
-            file.download = await self._begin_download(file.path, offset=file.offset)
-        return file.download
+            file.download = await self.begin_download(file.path, offset=file.offset)
+        return await file.download.read(block_size)
 
     @universal_exception
-    @with_timeout
-    async def read(self, file: FileHandle, block_size: int = -1) -> bytes:  # type: ignore[override]
-        return await (await self._download(file)).read(block_size)
-
-    @universal_exception
-    @with_timeout
-    async def native_fd(self, file: FileHandle) -> int | None:
-        """Start the transfer and return a file descriptor for blocking I/O in a worker thread, if the backend has
-        one (local disk): uploads write from the current position, downloads use positioned reads from
-        ``file.offset``. The upload still commits or aborts through the ``open()`` context as usual."""
-        if file.writing:
-            return (await self._upload(file)).fileno()
-        return (await self._download(file)).fileno()
-
-    @universal_exception
-    @with_timeout
-    async def begin(self, file: FileHandle) -> None:
-        """Start the upload now rather than at the first write, so that a path that cannot be written is
-        refused before the client is told to send data."""
-        await self._upload(file)
-
-    @universal_exception
-    @with_timeout
+    @defend_file_methods
     async def commit(self, file: FileHandle) -> None:
-        """Publish the upload: the new content replaces the old one at once. An empty upload makes an empty file."""
-        upload = await self._upload(file)
-        self._forget_listed()
-        await upload.commit()
-        # Only now: a commit that failed or was cancelled half-way leaves the upload to close(), which aborts it.
-        file.finished = True
-
-    # -- file facts ------------------------------------------------------------------------------------
+        """Publish what was written to a file opened for writing (what leaving ``async with`` does)."""
+        await (await self._upload_of(file)).commit()
 
     @universal_exception
-    async def digest(self, path: Path, algorithm: str) -> str:
-        """The hex digest (an algorithm of :data:`DIGESTS`) of a file's content, computed off the event loop
-        with bounded memory: from a descriptor in a worker thread where the backend has one, else streamed.
-        Not bounded by the path timeout: it takes as long as reading the file."""
-        hasher = DIGESTS[algorithm]()
-        async with self.open(path, "rb") as opened:
-            file: FileHandle = opened.file  # type: ignore[assignment]
-            fd = await self.native_fd(file)
-            if fd is None:
-                await hash_stream(functools.partial(self.read, file), hasher)
-            else:
-                await _in_thread_until_done(_hash_fd, fd, file.offset, hasher)
-        return hasher.hexdigest()
-
-    @universal_exception
-    @with_timeout
-    async def set_mtime(self, path: Path, mtime: float) -> None:
-        """MFMT: set a file's modification time (seconds since the epoch, UTC)."""
-        raise OSError(errno.EOPNOTSUPP, "modification times cannot be set on this storage", str(path))
-
-    @universal_exception
+    @defend_file_methods
     async def close(self, file: FileHandle) -> None:  # type: ignore[override]
-        """Release the file; an upload that was not committed is aborted."""
-        if file.upload is not None and not file.finished:
-            file.finished = True
+        """Release the file; an upload that was not committed is discarded."""
+        if file.upload is not None:
             await file.upload.abort()
         if file.download is not None:
             download, file.download = file.download, None
             await download.close()
 
-
-async def _in_thread_until_done(
-    work: Callable[[int, int, Hasher, threading.Event], None], fd: int, offset: int, hasher: Hasher
-) -> None:
-    """Run ``work`` in a thread; if cancelled, tell it to stop and wait for it, so the descriptor it reads is
-    not closed (and perhaps reused) under it."""
-    stop = threading.Event()
-    task = asyncio.ensure_future(asyncio.to_thread(work, fd, offset, hasher, stop))
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        stop.set()
-        await run_to_completion(asyncio.wait({task}))
-        raise
+    async def _upload_of(self, file: FileHandle) -> Upload:
+        if file.mode == "rb":
+            raise io.UnsupportedOperation("file opened for reading")
+        if file.upload is None:
+            file.upload = await self.begin_upload(file.path, offset=file.offset)
+        return file.upload
 
 
 class StorageFactory(abc.ABC):
@@ -421,53 +379,14 @@ class StorageFactory(abc.ABC):
     # What aioftp joins the virtual path onto (``User.base_path``); backends receive such paths.
     base_path: Path
 
-    @classmethod
-    @abc.abstractmethod
-    def check(cls, rest: str) -> None:
-        """Raise ValueError if the URI's part after ``scheme://`` is not usable."""
-
-    @classmethod
-    @abc.abstractmethod
-    def from_uri(cls, uri: str, rest: str, settings: Settings, resources: BackendResources) -> Self: ...
-
     @abc.abstractmethod
     def __call__(
         self,
         timeout: float | int | None = None,
         connection: Connection | None = None,
         state: Any = None,
-    ) -> AbstractPathIO[Path]: ...
+    ) -> TransactionalPathIO: ...
 
     @abc.abstractmethod
     async def prepare(self, *, create: bool) -> None:
         """Make sure the root exists (creating it if ``create``); raise FileNotFoundError if it does not."""
-
-
-class PendingWrite:
-    """At most one write in flight, so receiving the next block overlaps storing this one.
-
-    The write runs as its own task and is never cancelled: a thread may be busy with it, and the file must
-    not be closed under that thread. A cancelled caller stops *waiting*; :meth:`settle` waits for the end.
-    """
-
-    def __init__(self) -> None:
-        self.task: asyncio.Future[Any] | None = None
-
-    async def submit(self, start: Callable[[], Awaitable[Any]]) -> None:
-        await self.wait()
-        self.task = asyncio.ensure_future(start())
-
-    async def wait(self) -> None:
-        """Wait for the write in flight and raise its error."""
-        if self.task is not None:
-            await asyncio.shield(self.task)
-            self.task = None
-
-    async def settle(self) -> None:
-        """Wait for the write in flight to end, ignoring its error; interrupting this wait leaves it running."""
-        task = self.task
-        if task is not None:
-            await asyncio.wait({task})
-            self.task = None
-            if not task.cancelled():
-                task.exception()

@@ -24,29 +24,24 @@ import stat
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Self, TypeVar
-from urllib.parse import unquote
+from typing import Any, BinaryIO, TypeVar
 
 import aiofiles.os
 import aiofiles.threadpool
-from aioftp import AbstractPathIO, Connection
+from aioftp import Connection
 from aioftp.common import AbstractAsyncLister
 from aioftp.pathio import universal_exception
 
 from pathio_backends.base import (
     RESERVED_PREFIX,
     Download,
-    PendingWrite,
     StorageFactory,
     TransactionalPathIO,
     Upload,
     check_name,
-    with_timeout,
 )
-
-if TYPE_CHECKING:
-    from gateway.config import Settings
-    from pathio_backends import BackendResources
+from pathio_backends.tasks import PendingWrite, with_timeout
+from pathio_backends.uri import FileLocation
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -125,15 +120,15 @@ class Confinement:
 
 
 class LocalUpload(Upload):
-    def __init__(self, file: Any, temp: str, target: str, timeout: float | None) -> None:
+    def __init__(self, file: Any, temp: str, target: str) -> None:
+        super().__init__()
         self._file = file
         self._temp = temp
         self._target = target
-        self._timeout = timeout
         self._pending = PendingWrite()
         self._buffered = False
 
-    async def write(self, data: bytes) -> None:
+    async def _write(self, data: bytes) -> None:
         # The write of this block runs in a thread while the caller receives the next one.
         self._buffered = True
         await self._pending.submit(lambda: self._file.write(data))
@@ -144,18 +139,14 @@ class LocalUpload(Upload):
         fd: int = self._file.fileno()
         return fd
 
-    async def commit(self) -> None:
-        try:
-            await self._pending.wait()
-            await self._file.close()
-            await aiofiles.os.replace(self._temp, self._target)
-        except BaseException:
-            await self.abort()
-            raise
+    async def _commit(self) -> None:
+        await self._pending.wait()
+        await self._file.close()
+        await aiofiles.os.replace(self._temp, self._target)
 
-    async def abort(self) -> None:
+    async def _abort(self) -> None:
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self.timeout):
                 await self._pending.settle()
         except TimeoutError:
             # A write is stuck in the kernel: closing its file now could hand the descriptor to someone else.
@@ -163,8 +154,8 @@ class LocalUpload(Upload):
             return
         try:
             await self._file.close()
-        except OSError:
-            pass
+        except (OSError, ValueError):
+            pass  # closed by a commit that failed after it
         try:
             await aiofiles.os.remove(self._temp)
         except FileNotFoundError:
@@ -172,32 +163,33 @@ class LocalUpload(Upload):
 
 
 class LocalDownload(Download):
-    def __init__(self, file: Any) -> None:
-        self._file = file
-        self._ahead: asyncio.Future[bytes] | None = None
+    """A file read block by block in worker threads, the next block read while this one is sent. Every read is
+    a task of its own, awaited by ``close`` before the file is closed: a read cancelled by ABOR goes on in its
+    thread, and closing the file under it could hand its descriptor to someone else."""
 
-    async def read(self, size: int) -> bytes:
-        if self._ahead is None:
-            data: bytes = await self._file.read(size)
-        else:
-            # Shielded: a cancelled reader must not lose track of the read still running in its thread.
-            data = await asyncio.shield(self._ahead)
-            self._ahead = None
-        if data and size > 0:
-            # Read the next block from disk while this one goes out on the network.
-            self._ahead = asyncio.ensure_future(self._file.read(size))
+    def __init__(self, file: Any, offset: int) -> None:
+        super().__init__(offset)
+        self._file = file
+        self._reading: asyncio.Future[bytes] | None = None
+
+    async def _read(self, size: int) -> bytes:
+        if self._reading is None:
+            self._reading = asyncio.ensure_future(self._file.read(size))
+        # Shielded: a cancelled reader must not lose track of the read still running in its thread.
+        data: bytes = await asyncio.shield(self._reading)
+        self._reading = asyncio.ensure_future(self._file.read(size)) if data and size > 0 else None
         return data
 
     def fileno(self) -> int | None:
         fd: int = self._file.fileno()
         return fd
 
-    async def close(self) -> None:
-        if self._ahead is not None:
-            await asyncio.wait({self._ahead})
-            if not self._ahead.cancelled():
-                self._ahead.exception()
-            self._ahead = None
+    async def _close(self) -> None:
+        if self._reading is not None:
+            await asyncio.wait({self._reading})
+            if not self._reading.cancelled():
+                self._reading.exception()
+            self._reading = None
         await self._file.close()
 
 
@@ -221,33 +213,14 @@ class LocalPathIO(TransactionalPathIO):
         except (OSError, ValueError):
             return None
 
-    async def _query(self, path: Path) -> os.stat_result | None:
-        cached = self._listed_stat(path)
-        if cached is not None:
-            return cached
+    async def _probe(self, path: Path) -> os.stat_result | None:
         result: os.stat_result | None = await _run(self._stat_or_none)(path)
         return result
 
     @universal_exception
     @with_timeout
-    async def exists(self, path: Path) -> bool:
-        return await self._query(path) is not None
-
-    @universal_exception
-    @with_timeout
-    async def is_dir(self, path: Path) -> bool:
-        st = await self._query(path)
-        return st is not None and stat.S_ISDIR(st.st_mode)
-
-    @universal_exception
-    @with_timeout
-    async def is_file(self, path: Path) -> bool:
-        st = await self._query(path)
-        return st is not None and stat.S_ISREG(st.st_mode)
-
-    @universal_exception
-    @with_timeout
     async def stat(self, path: Path) -> os.stat_result:
+        # The real error, not only "missing": a path that leads out of the root is refused (550 Permission denied).
         cached = self._listed_stat(path)
         if cached is not None:
             return cached
@@ -307,13 +280,11 @@ class LocalPathIO(TransactionalPathIO):
         await _run(rename)()
         return destination
 
-    @universal_exception
     @with_timeout
     async def chmod(self, path: Path, mode: int) -> None:
         """SITE CHMOD: the permission bits of a file or directory (a symlink only if it stays in the root)."""
         await _run(lambda: os.chmod(self._jail.resolve(path), mode))()
 
-    @universal_exception
     @with_timeout
     async def set_mtime(self, path: Path, mtime: float) -> None:
         """MFMT: the modification time of a file or directory; its access time is left as it was."""
@@ -374,7 +345,7 @@ class LocalPathIO(TransactionalPathIO):
             _unlink_quietly(opened[1])
 
         file, temp, target = await _open_in_thread(open_upload, release)
-        return LocalUpload(aiofiles.threadpool.wrap(file), temp, target, self.timeout)
+        return LocalUpload(aiofiles.threadpool.wrap(file), temp, target)
 
     async def _begin_download(self, path: Path, *, offset: int) -> Download:
         def open_download() -> BinaryIO:
@@ -387,7 +358,7 @@ class LocalPathIO(TransactionalPathIO):
             return file
 
         file = await _open_in_thread(open_download, lambda file: file.close())
-        return LocalDownload(aiofiles.threadpool.wrap(file))
+        return LocalDownload(aiofiles.threadpool.wrap(file), offset)
 
 
 async def _open_in_thread(open_: Callable[[], T], release: Callable[[T], None]) -> T:
@@ -439,7 +410,11 @@ class _Lister(AbstractAsyncLister[Path]):
 
     def _open(self) -> tuple[str, list[str]]:
         real = self._owner._jail.resolve(self._path)
-        return real, sorted(os.listdir(real))
+        try:
+            names = os.listdir(real)
+        except (FileNotFoundError, NotADirectoryError):
+            names = []  # as aioftp's PathIO, whose glob finds nothing there
+        return real, sorted(names)
 
     def _stat_batch(self, real: str, names: list[str]) -> list[tuple[str, os.stat_result]]:
         batch = []
@@ -487,25 +462,13 @@ def _copy_head(source: str, fd: int, count: int) -> None:
 
 
 class LocalStorage(StorageFactory):
-    """``file:///absolute/path`` or ``file://./relative/path`` (relative to the server's working directory)."""
+    """A directory on local disk: ``file:///absolute/path``, or ``file://./relative/path`` (from where the server
+    runs)."""
 
-    def __init__(self, uri: str, root: Path, settings: Settings | None = None) -> None:
+    def __init__(self, uri: str, location: FileLocation) -> None:
         self.uri = uri
-        self.base_path = root
+        self.base_path = Path(location.path)
         self._confinement: Confinement | None = None
-
-    @classmethod
-    def check(cls, rest: str) -> None:
-        path = unquote(rest)
-        if not (path.startswith("/") or path == "." or path.startswith(("./", "../")) or path == ".."):
-            raise ValueError(f"file://{rest}: expected file:///absolute/path or file://./relative/path (no host part)")
-        if "\x00" in path:
-            raise ValueError("file:// path contains a NUL byte")
-
-    @classmethod
-    def from_uri(cls, uri: str, rest: str, settings: Settings, resources: BackendResources) -> Self:
-        cls.check(rest)
-        return cls(uri, Path(os.path.abspath(unquote(rest))), settings)
 
     async def prepare(self, *, create: bool) -> None:
         def prepare() -> str:
@@ -523,7 +486,7 @@ class LocalStorage(StorageFactory):
         timeout: float | int | None = None,
         connection: Connection | None = None,
         state: Any = None,
-    ) -> AbstractPathIO[Path]:
+    ) -> LocalPathIO:
         if self._confinement is None:
             raise RuntimeError("LocalStorage.prepare() must run before sessions use it")
         return LocalPathIO(timeout=timeout, connection=connection, state=state, confinement=self._confinement)

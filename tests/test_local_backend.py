@@ -13,7 +13,6 @@ from pathlib import Path
 import aioftp
 import pytest
 
-from gateway.config import load_settings
 from pathio_backends import BackendResources, path_io_factory
 from pathio_backends.base import RESERVED_PREFIX
 from pathio_backends.local import LocalPathIO
@@ -24,7 +23,7 @@ from tests.helpers import GatewayThread
 @pytest.fixture
 async def pio(tmp_path: Path) -> AsyncIterator[LocalPathIO]:
     root = tmp_path / "root"
-    storage = path_io_factory(f"file://{root}", load_settings(), BackendResources())
+    storage = path_io_factory(f"file://{root}", BackendResources())
     await storage.prepare(create=True)
     path_io = storage(timeout=2)
     assert isinstance(path_io, LocalPathIO)

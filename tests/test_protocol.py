@@ -10,7 +10,7 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.commands.basic import AsciiConverter
+from gateway.datachannel import AsciiConverter
 from tests.clients import assert_refused, ftp_login
 from tests.helpers import GatewayThread, MiB, gateway_settings, random_bytes, running
 

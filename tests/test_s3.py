@@ -21,7 +21,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.errors import reply_for
-from pathio_backends.s3 import part_size_for, translate
+from pathio_backends.s3.errors import translate
+from pathio_backends.s3.upload import part_size_for
 from tests.clients import assert_refused, ftp_login
 from tests.helpers import (
     S3_BUCKET,
@@ -292,9 +293,9 @@ def test_rename_above_the_copy_limit_copies_in_parts(
     s3_gateway: GatewayThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """CopyObject stops at 5 GiB; above, the copy goes through UploadPartCopy (limit lowered to test it)."""
-    import pathio_backends.s3
+    import pathio_backends.s3.copy
 
-    monkeypatch.setattr(pathio_backends.s3, "MAX_PART", 6 * MiB)
+    monkeypatch.setattr(pathio_backends.s3.copy, "MAX_PART", 6 * MiB)
     s3_gateway.add_user("alice")
     data = random_bytes(11 * MiB, seed=11)
     client = ftp_login(s3_gateway.host, s3_gateway.port, "alice")
@@ -322,7 +323,7 @@ def test_rename_above_the_copy_limit_copies_in_parts(
 )
 def test_blocks_io_reads_like_bytes_io(blocks: list[bytes], operations: list[tuple[str, int, int]]) -> None:
     """A part body made of blocks must read and seek exactly like the joined bytes (botocore seeks to retry)."""
-    from pathio_backends.s3 import BlocksIO
+    from pathio_backends.s3.upload import BlocksIO
 
     ours, reference = BlocksIO(list(blocks)), io.BytesIO(b"".join(blocks))
     assert len(ours) == len(reference.getvalue())
@@ -339,7 +340,7 @@ def test_blocks_io_reads_like_bytes_io(blocks: list[bytes], operations: list[tup
 
 def test_failed_complete_is_an_error_reply_not_226(s3_gateway: GatewayThread, monkeypatch: pytest.MonkeyPatch) -> None:
     """S3 refusing CompleteMultipartUpload (injected: moto never does) must not be reported as a success."""
-    from pathio_backends.s3 import S3Context
+    from pathio_backends.s3.client import S3Context
 
     real_call = S3Context.call
 

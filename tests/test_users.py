@@ -135,7 +135,7 @@ def test_sessions_of_a_user_share_one_throttle(db_gateway: GatewayThread) -> Non
 
     async def throttle_count() -> int:
         gc.collect()
-        return len(server.throttle_per_user)
+        return len(server.user_throttles)
 
     assert db_gateway.call(throttle_count) == 0
 

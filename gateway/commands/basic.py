@@ -1,5 +1,5 @@
-"""The rest of RFC 959 that clients send: TYPE, MODE, STRU, ALLO, HELP, SITE, the X* aliases of RFC 775,
-and ASCII-mode line-ending conversion (CRLF on the wire, LF at rest)."""
+"""The rest of RFC 959 that clients send: TYPE, MODE, STRU, ALLO, HELP, SITE, NOOP, CLNT, the X* aliases of
+RFC 775, and FEAT and OPTS (RFC 2389), whose lines and options each handler group adds for itself."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import PurePosixPath
 
 import aioftp
 
-from gateway.commands.base import LOGGED_IN, CommandBase, checks, get, parse_time_val
+from gateway.commands.base import LOGGED_IN, CommandBase, checks, parse_time_val
+from gateway.session import SessionState
 
 logger = logging.getLogger(__name__)
 
@@ -60,49 +61,52 @@ SYNTAX = {
 }
 
 
-class AsciiConverter:
-    """Line endings of one ASCII-mode transfer, fed block by block (a CR LF may straddle two blocks)."""
-
-    def __init__(self) -> None:
-        self._last = b""
-
-    def to_network(self, data: bytes) -> bytes:
-        """LF at rest -> CRLF on the wire; an existing CRLF stays as it is."""
-        out = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        if data.startswith(b"\n") and self._last == b"\r":
-            out = out[1:]
-        self._last = data[-1:] or self._last
-        return out
-
-    def to_storage(self, data: bytes) -> bytes:
-        """CRLF on the wire -> LF at rest; a CR that ends a block waits for the next one."""
-        data = self._last + data
-        self._last = b""
-        if data.endswith(b"\r"):
-            data, self._last = data[:-1], b"\r"
-        return data.replace(b"\r\n", b"\n")
-
-    def flush(self) -> bytes:
-        """What is left at the end of an upload (a lone CR)."""
-        left, self._last = self._last, b""
-        return left
-
-
-def ascii_mode(connection: aioftp.Connection) -> bool:
-    return bool(get(connection, "transfer_type") == "A")
-
-
 class BasicCommands(CommandBase):
-    NEW_COMMANDS = {"mode": "mode", "stru": "stru", "allo": "allo", "help": "help", "site": "site", "clnt": "clnt"}
+    NEW_COMMANDS = {
+        "mode": "mode",
+        "stru": "stru",
+        "allo": "allo",
+        "help": "help",
+        "site": "site",
+        "clnt": "clnt",
+        "feat": "feat",
+        "opts": "opts",
+        "noop": "noop",
+    }
+
+    def features(self, session: SessionState) -> list[str]:
+        return [*super().features(session), "UTF8"]
+
+    def option(self, connection: aioftp.Connection, session: SessionState, name: str, value: str) -> bool:
+        if name == "UTF8" and value.upper() in ("ON", ""):
+            connection.response("200", "UTF-8 is always on.")
+            return True
+        return super().option(connection, session, name, value)
+
+    async def feat(self, connection: aioftp.Connection, rest: str) -> bool:
+        features = sorted(self.features(self.session(connection)))
+        connection.response("211", ["Features:", *features, "End"], True)
+        return True
+
+    async def opts(self, connection: aioftp.Connection, rest: str) -> bool:
+        option, _, value = rest.partition(" ")
+        if not self.option(connection, self.session(connection), option.upper(), value):
+            connection.response("501", f"Option {option.upper()!r} not understood.")
+        return True
+
+    async def noop(self, connection: aioftp.Connection, rest: str) -> bool:
+        connection.response("200", "NOOP ok.")
+        return True
 
     @checks(LOGGED_IN)
     async def type(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
         words = str(rest).upper().split()
+        session = self.session(connection)
         if words in (["I"], ["L", "8"]):
-            connection.transfer_type = "I"
+            session.transfer_type = "I"
             connection.response("200", "Switching to Binary mode.")
         elif words in (["A"], ["A", "N"]):
-            connection.transfer_type = "A"
+            session.transfer_type = "A"
             connection.response("200", "Switching to ASCII mode.")
         elif words and words[0] in ("A", "E", "I", "L"):
             connection.response("504", f"TYPE {' '.join(words)} is not implemented.")
@@ -189,14 +193,12 @@ class BasicCommands(CommandBase):
             connection.response("501", "SITE CHMOD needs an octal mode of at most 7777.")
             return
         real_path, virtual_path = self.get_paths(connection, arguments[1])
+        path_io = self.session(connection).path_io
         if not (await connection.user.get_permissions(virtual_path)).writable:
             connection.response("550", "Permission denied.")
             return
-        if not await connection.path_io.exists(real_path):
+        if not await path_io.exists(real_path):
             connection.response("550", "No such file or directory.")
             return
-        chmod = getattr(connection.path_io, "chmod", None)
-        if chmod is not None:
-            await chmod(real_path, mode)
-        # Storage without modes (S3) takes it as a no-op: clients that chmod after each upload must not fail.
+        await path_io.chmod(real_path, mode)  # a no-op where the storage has no modes (S3)
         connection.response("200", "SITE CHMOD command ok.")

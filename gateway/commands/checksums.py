@@ -2,7 +2,8 @@
 control connection, so a client can check a transfer without downloading the file again.
 
 The storage computes the digest (``TransactionalPathIO.digest``): local disk reads the file in a worker
-thread; S3 answers SHA-256 from what the upload stored and streams the object otherwise.
+thread; S3 answers SHA-256 from what the upload stored and streams the object otherwise. ``OPTS HASH`` picks the
+session's algorithm, which FEAT marks with ``*``.
 """
 
 from __future__ import annotations
@@ -11,32 +12,11 @@ from pathlib import PurePosixPath
 
 import aioftp
 
-from gateway.commands.base import CommandBase, get
+from gateway.commands.base import CommandBase
+from gateway.session import SessionState
 
 # FTP name (IANA "Hash Function Textual Names") -> the storage's algorithm name.
 ALGORITHMS = {"SHA-256": "sha256", "SHA-1": "sha1", "MD5": "md5", "CRC32": "crc32"}
-DEFAULT_ALGORITHM = "SHA-256"
-
-
-def selected_algorithm(connection: aioftp.Connection) -> str:
-    return str(get(connection, "hash_algorithm", DEFAULT_ALGORITHM))
-
-
-def hash_feature(selected: str = DEFAULT_ALGORITHM) -> str:
-    """The FEAT line: every algorithm, the one HASH uses now marked with ``*``."""
-    return "HASH " + ";".join(name + ("*" if name == selected else "") for name in ALGORITHMS)
-
-
-def opts_hash(connection: aioftp.Connection, value: str) -> None:
-    """OPTS HASH [algorithm]: without one, name the algorithm in use; with one, switch to it."""
-    name = value.strip().upper()
-    if not name:
-        connection.response("200", selected_algorithm(connection))
-    elif name in ALGORITHMS:
-        connection.hash_algorithm = name
-        connection.response("200", name)
-    else:
-        connection.response("501", f"Unknown algorithm {value.strip()!r}; the selection is unchanged.")
 
 
 def split_x_arguments(rest: str) -> tuple[str, list[str]]:
@@ -61,6 +41,25 @@ class ChecksumCommands(CommandBase):
         "xcrc": "xcrc",
     }
 
+    def features(self, session: SessionState) -> list[str]:
+        """Every algorithm, the one HASH uses now marked with ``*``."""
+        line = "HASH " + ";".join(name + ("*" if name == session.hash_algorithm else "") for name in ALGORITHMS)
+        return [*super().features(session), line]
+
+    def option(self, connection: aioftp.Connection, session: SessionState, name: str, value: str) -> bool:
+        """OPTS HASH [algorithm]: without one, name the algorithm in use; with one, switch to it."""
+        if name != "HASH":
+            return super().option(connection, session, name, value)
+        algorithm = value.strip().upper()
+        if not algorithm:
+            connection.response("200", session.hash_algorithm)
+        elif algorithm in ALGORITHMS:
+            session.hash_algorithm = algorithm
+            connection.response("200", algorithm)
+        else:
+            connection.response("501", f"Unknown algorithm {value.strip()!r}; the selection is unchanged.")
+        return True
+
     async def _digest(
         self, connection: aioftp.Connection, path: str | PurePosixPath, name: str, not_a_file: str
     ) -> tuple[str, int] | None:
@@ -73,10 +72,10 @@ class ChecksumCommands(CommandBase):
         st = await self.regular_file(connection, real_path, not_a_file)
         if st is None:
             return None
-        return await connection.path_io.digest(real_path, ALGORITHMS[name]), st.st_size
+        return await self.session(connection).path_io.digest(real_path, ALGORITHMS[name]), st.st_size
 
     async def hash(self, connection: aioftp.Connection, rest: str) -> bool:
-        name = selected_algorithm(connection)
+        name = self.session(connection).hash_algorithm
         found = await self._digest(connection, rest, name, "553")
         if found is not None:
             digest, size = found

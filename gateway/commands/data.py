@@ -1,26 +1,21 @@
-"""Data connections: PASV and EPSV (passive), PORT and EPRT (active), and their release after each transfer.
+"""PASV and EPSV (passive), PORT and EPRT (active): the commands that set up the next transfer's data connection
+(``gateway.datachannel`` makes it, and releases it after the transfer).
 
-Unlike aioftp's PASV/EPSV:
-* a passive port accepts its data connection only from the client's own IP (anyone who guessed the port
-  could otherwise read or write the transfer), and goes back to the pool when the transfer ends, so a range
-  of 20 ports serves any number of sessions whose transfers do not overlap;
-* when no passive port is free the client gets 425 and keeps its session (aioftp answers 421 and hangs up);
-* ``EPSV 1``/``EPSV 2`` and ``EPSV ALL`` are understood (RFC 2428);
-* active mode connects only to the client's own address and to a port of 1024 or more (RFC 2577: no FTP
-  bounce), from an unprivileged source port.
+``EPSV 1``/``EPSV 2`` and ``EPSV ALL`` are understood (RFC 2428). Active mode goes only to the client's own address
+and to a port of 1024 or more (RFC 2577: no FTP bounce).
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
-import socket
 from pathlib import PurePosixPath
 
 import aioftp
 
-from gateway.commands.base import LOGGED_IN, CommandBase, attach_data_connection, checks, get, plain_ip
+from gateway.commands.base import LOGGED_IN, CommandBase, checks
+from gateway.datachannel import plain_ip
+from gateway.session import SessionState
 
 logger = logging.getLogger(__name__)
 
@@ -51,68 +46,44 @@ def parse_eprt(rest: str) -> tuple[str, str, int]:
 class DataChannelCommands(CommandBase):
     NEW_COMMANDS = {"port": "port", "eprt": "eprt"}
 
+    def features(self, session: SessionState) -> list[str]:
+        return [*super().features(session), "EPRT", "EPSV", "PASV"]
+
     # -- passive -----------------------------------------------------------------------------------------
 
-    def _passive_handler(self, connection: aioftp.Connection) -> object:
-        client = plain_ip(connection.client_host)
-
-        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            peer = writer.get_extra_info("peername")
-            if get(connection, "data_channel") is None:
-                writer.close()
-            elif peer is None or plain_ip(peer[0]) != client:
-                logger.warning("data connection from %s refused: the session's client is %s", peer, client)
-                writer.close()
-            else:
-                attach_data_connection(connection, reader, writer)
-
-        return accept
-
-    async def _listen(self, connection: aioftp.Connection) -> socket.socket | None:
-        """The session's passive listening socket, opened if needed; None (after a 425) if no port is free."""
-        if get(connection, "passive_server") is None:
-            self._release_data_channel(connection)
-        elif connection.future.data_connection.done():
-            # A second PASV: the connection made after the first one belongs to no transfer.
-            connection.data_connection.close()
-            del connection.data_connection
-        if get(connection, "passive_server") is None:
-            try:
-                connection.passive_server = await self._start_passive_server(
-                    connection,
-                    self._passive_handler(connection),  # type: ignore[arg-type]
-                )
-            except aioftp.errors.NoAvailablePort:
-                logger.warning("no passive port free in %s", self.settings.passive.ports)
-                connection.response("425", "No data port free; try again shortly.")
-                return None
-        connection.data_channel = "passive"
-        sockets: list[socket.socket] = list(connection.passive_server.sockets)
-        return sockets[0]
+    async def _listen(self, connection: aioftp.Connection, session: SessionState) -> int | None:
+        """The port the session's passive listener has; None, after a 425, if no port is free."""
+        port = await session.data.listen()
+        if port is None:
+            logger.warning("no passive port free in %s", self.settings.passive.ports)
+            connection.response("425", "No data port free; try again shortly.")
+        return port
 
     @checks(LOGGED_IN)
     async def pasv(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
-        if get(connection, "epsv_all"):
+        session = self.session(connection)
+        if session.data.epsv_all:
             connection.response("522", "EPSV ALL was sent: use EPSV.")
             return True
-        if plain_ip(connection.server_host).version != 4:
+        server_ip = plain_ip(connection.server_host)
+        if server_ip.version != 4:
             connection.response("522", "PASV is for IPv4; use EPSV.")
             return True
-        listener = await self._listen(connection)
-        if listener is None:
+        port = await self._listen(connection, session)
+        if port is None:
             return True
-        host, port = listener.getsockname()[:2]
-        masquerade = self.ipv4_pasv_forced_response_address
-        numbers = [*str(masquerade or plain_ip(host)).split("."), str(port >> 8), str(port & 0xFF)]
+        masquerade = self.settings.passive.masquerade_address
+        numbers = [*str(masquerade or server_ip).split("."), str(port >> 8), str(port & 0xFF)]
         connection.response("227", f"Entering Passive Mode ({','.join(numbers)}).")
         return True
 
     @checks(LOGGED_IN)
     async def epsv(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
+        session = self.session(connection)
         argument = str(rest).strip().upper()
         family = "1" if plain_ip(connection.server_host).version == 4 else "2"
         if argument == "ALL":
-            connection.epsv_all = True
+            session.data.epsv_all = True
             connection.response("200", "EPSV ALL ok: only EPSV from now on.")
             return True
         if argument not in ("", family):
@@ -121,27 +92,24 @@ class DataChannelCommands(CommandBase):
             else:
                 connection.response("501", f"EPSV takes 1, 2 or ALL, not {rest!r}.")
             return True
-        listener = await self._listen(connection)
-        if listener is None:
-            return True
-        port = listener.getsockname()[1]
-        connection.response("229", f"Entering Extended Passive Mode (|||{port}|).")
+        port = await self._listen(connection, session)
+        if port is not None:
+            connection.response("229", f"Entering Extended Passive Mode (|||{port}|).")
         return True
 
     # -- active ------------------------------------------------------------------------------------------
 
     def _accept_active(self, connection: aioftp.Connection, host: str, port: int) -> bool:
         """RFC 2577: only to the client itself, and not to a privileged port (no FTP bounce)."""
-        if get(connection, "epsv_all"):
+        session = self.session(connection)
+        if session.data.epsv_all:
             connection.response("522", "EPSV ALL was sent: use EPSV.")
             return False
-        if plain_ip(host) != plain_ip(connection.client_host) or port < 1024:
-            logger.warning("active mode to %s:%s refused (client is %s)", host, port, connection.client_host)
+        if plain_ip(host) != session.data.client_ip or port < 1024:
+            logger.warning("active mode to %s:%s refused (client is %s)", host, port, session.data.client_ip)
             connection.response("504", "Only your own address and a port of 1024 or more are accepted.")
             return False
-        self._release_data_channel(connection)
-        connection.active_address = (host, port)
-        connection.data_channel = "active"
+        session.data.use_active(host, port)
         return True
 
     @checks(LOGGED_IN)

@@ -1,4 +1,4 @@
-"""MKD, RNTO, SIZE, MDTM and MFMT (aioftp's CWD, CDUP, RMD, DELE and RNFR are used as they are)."""
+"""PWD, MKD, RNTO, SIZE, MDTM and MFMT (aioftp's CWD, CDUP, RMD, DELE and RNFR are used as they are)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,19 @@ from pathlib import PurePosixPath
 import aioftp
 
 from gateway.commands.base import LOGGED_IN, CommandBase, checks, mlsx_time, parse_time_val, quote_path
-from gateway.commands.basic import ascii_mode
+from gateway.session import SessionState
 
 
 class FileCommands(CommandBase):
     NEW_COMMANDS = {"size": "size", "mdtm": "mdtm", "mfmt": "mfmt"}
+
+    def features(self, session: SessionState) -> list[str]:
+        return [*super().features(session), "MDTM", "MFMT", "SIZE", "TVFS"]
+
+    @checks(LOGGED_IN)
+    async def pwd(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
+        connection.response("257", f"{quote_path(connection.current_directory)} is the current directory.")
+        return True
 
     @checks(
         aioftp.ConnectionConditions(aioftp.ConnectionConditions.login_required),
@@ -21,7 +29,7 @@ class FileCommands(CommandBase):
     async def mkd(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
         # Unlike aioftp, no parents are made: MKD a/b/c needs a/b (as in RFC 959 servers such as vsftpd).
         real_path, virtual_path = self.get_paths(connection, rest)
-        await connection.path_io.mkdir(real_path)
+        await self.session(connection).path_io.mkdir(real_path)
         connection.response("257", f"{quote_path(virtual_path)} created.")
         return True
 
@@ -38,7 +46,7 @@ class FileCommands(CommandBase):
         real_path, virtual_path = self.get_paths(connection, rest)
         source = connection.rename_from
         del connection.rename_from
-        path_io = connection.path_io
+        path_io = self.session(connection).path_io
         if real_path == source:
             connection.response("250", "Rename successful (same name).")
         elif await path_io.is_dir(real_path):
@@ -54,7 +62,7 @@ class FileCommands(CommandBase):
 
     @checks(LOGGED_IN, aioftp.PathPermissions(aioftp.PathPermissions.readable))
     async def size(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
-        if ascii_mode(connection):
+        if self.session(connection).ascii:
             # The size on the wire would differ from the stored one (vsftpd refuses it as well).
             connection.response("550", "SIZE is not available in ASCII mode; use TYPE I.")
             return True
@@ -70,7 +78,7 @@ class FileCommands(CommandBase):
         mtime = parse_time_val(when)
         if mtime is not None and path:
             real_path, _ = self.get_paths(connection, rest)
-            if not await connection.path_io.exists(real_path):
+            if not await self.session(connection).path_io.exists(real_path):
                 return await self.set_mtime(connection, path, mtime, "213", f"Modify={when}; {path}")
         return await self._mdtm(connection, rest)
 

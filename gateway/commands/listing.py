@@ -16,27 +16,20 @@ from pathlib import Path, PurePosixPath
 import aioftp
 from aioftp.common import END_OF_LINE
 
-from gateway.commands.base import (
-    DATA_CHANNEL_READY,
-    LOGGED_IN,
-    CommandBase,
-    checks,
-    get,
-    ls_time,
-    mlsx_time,
-    stat_or_none,
-    take_data_connection,
-)
-from gateway.commands.session import MLST_FACTS
-from gateway.commands.transfer import DATA_CONNECTION, send
-from gateway.errors import transfer_errors
+from gateway.commands.base import LOGGED_IN, CommandBase, checks, data_channel_ready, ls_time, mlsx_time
+from gateway.datachannel import send
+from gateway.session import MLST_FACTS, SessionState
 
 # aioftp's checks for a listing: logged in, PASV/EPSV sent, the path readable (whether it exists: one stat).
-listing_command = checks(LOGGED_IN, DATA_CHANNEL_READY, aioftp.PathPermissions(aioftp.PathPermissions.readable))
+listing_command = checks(LOGGED_IN, data_channel_ready, aioftp.PathPermissions(aioftp.PathPermissions.readable))
 NOT_FOUND = ("550", "No such file or directory.")
 
 
 STAT_MAX_ENTRIES = 10_000
+
+
+async def nothing() -> None:
+    """A listing opens nothing before its 150: the listing is read as it is sent."""
 
 
 def split_list_arguments(rest: str) -> tuple[str, str]:
@@ -79,13 +72,25 @@ def split_glob(path: str) -> tuple[str, str | None]:
 class ListingCommands(CommandBase):
     NEW_COMMANDS = {"nlst": "nlst", "stat": "stat"}
 
+    def features(self, session: SessionState) -> list[str]:
+        return [*super().features(session), "MLST " + "".join(f"{fact}*;" for fact in MLST_FACTS)]
+
+    def option(self, connection: aioftp.Connection, session: SessionState, name: str, value: str) -> bool:
+        """OPTS MLST: unknown facts are dropped silently; the reply names the facts now in use (RFC 3659 7.9)."""
+        if name != "MLST":
+            return super().option(connection, session, name, value)
+        wanted = {fact.lower() for fact in value.split(";") if fact}
+        session.mlst_facts = tuple(fact for fact in MLST_FACTS if fact in wanted)
+        connection.response("200", "MLST OPTS " + "".join(f"{fact};" for fact in session.mlst_facts))
+        return True
+
     async def _target(
         self, connection: aioftp.Connection, rest: str, pattern: str | None
     ) -> tuple[Path, os.stat_result] | None:
         """The path a listing command names and its stat, or None after answering 550: it does not exist, or
         a pattern follows something that is not a directory."""
         real_path, _ = self.get_paths(connection, rest)
-        st = await stat_or_none(connection, real_path)
+        st = await self.stat_or_none(self.session(connection), real_path)
         if st is None:
             connection.response(*NOT_FOUND)
             return None
@@ -99,7 +104,7 @@ class ListingCommands(CommandBase):
     ) -> AsyncIterator[tuple[Path, os.stat_result]]:
         """The entries of a directory with their stat (those matching ``pattern``), or the path itself when it
         is not a directory (as ``ls`` does); ``st`` is the path's own stat."""
-        path_io = connection.path_io
+        path_io = self.session(connection).path_io
         if not stat.S_ISDIR(st.st_mode):
             yield real_path, st
             return
@@ -109,7 +114,7 @@ class ListingCommands(CommandBase):
 
     async def _mlsx_line(self, connection: aioftp.Connection, path: Path, st: os.stat_result, name: str) -> str:
         """``type=file;size=3;modify=20261125061256;perm=rawdf; name`` with the facts OPTS MLST selected."""
-        selected = get(connection, "mlst_facts", MLST_FACTS)
+        selected = self.session(connection).mlst_facts
         facts = []
         if "type" in selected:
             kind = "dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "OS.unix=other"
@@ -125,23 +130,19 @@ class ListingCommands(CommandBase):
             facts.append(f"perm={mlsx_perm(st, permission)};")
         return "".join(facts) + " " + name
 
-    def _send_lines(
-        self, connection: aioftp.Connection, rest: str, make_lines: Callable[[], AsyncIterator[str]], what: str
+    async def _send_lines(
+        self, connection: aioftp.Connection, verb: str, make_lines: Callable[[], AsyncIterator[str]], what: str
     ) -> None:
-        """Start the worker that streams ``make_lines()`` over the data connection; answer 150."""
+        """Stream ``make_lines()`` over the data connection, after a 150."""
+        session = self.session(connection)
 
-        @DATA_CONNECTION
-        @aioftp.server.worker
-        @transfer_errors
-        async def listing_worker(self: ListingCommands, connection: aioftp.Connection, rest: str) -> None:
-            stream = take_data_connection(connection)
-            async with stream:
+        async def send_lines(_: None) -> None:
+            async with await session.data.connect(connection.command_connection.throttles) as stream:
                 async for line in make_lines():
                     await send(stream, (line + END_OF_LINE).encode(self.encoding))
             connection.response("226", f"{what} sent.")
 
-        self.start_transfer(connection, listing_worker(self, connection, rest))
-        connection.response("150", f"Here comes the {what.lower()}.")
+        await self.transfer(connection, session, verb, nothing, f"Here comes the {what.lower()}.", send_lines)
 
     async def list(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
         _, path = split_list_arguments(str(rest))
@@ -158,7 +159,7 @@ class ListingCommands(CommandBase):
             async for path, st in self._entries(connection, *target, pattern):
                 yield list_line(path, st, now)
 
-        self._send_lines(connection, rest, lines, "Directory listing")
+        await self._send_lines(connection, "LIST", lines, "Directory listing")
         return True
 
     async def nlst(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
@@ -177,20 +178,21 @@ class ListingCommands(CommandBase):
             async for path, _ in self._entries(connection, *target, pattern):
                 yield prefix + path.name
 
-        self._send_lines(connection, rest, lines, "Name list")
+        await self._send_lines(connection, "NLST", lines, "Name list")
         return True
 
     async def stat(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
         """STAT: the session's status, or with a path, its listing on the control connection (RFC 959)."""
         if not str(rest).strip():
-            user = connection.user.login if get(connection, "logged") else "-"
-            mode = "ASCII" if get(connection, "transfer_type") == "A" else "Binary"
+            session = self.session(connection)
+            user = session.user.login if session.user is not None else "-"
+            mode = "ASCII" if session.ascii else "Binary"
             status = [
                 "ftp-gateway status:",
                 f"Connected from {connection.client_host}",
                 f"Logged in as {user}",
                 f"TYPE: {mode}, MODE: Stream, STRU: File",
-                f"{len(connection.extra_workers)} transfer(s) in progress",
+                f"{len(session.transfers)} transfer(s) in progress",
                 "End of status",
             ]
             connection.response("211", status, True)
@@ -228,13 +230,13 @@ class ListingCommands(CommandBase):
             async for path, st in self._entries(connection, *target):
                 yield await self._mlsx_line(connection, path, st, path.name)
 
-        self._send_lines(connection, str(rest), lines, "MLSD listing")
+        await self._send_lines(connection, "MLSD", lines, "MLSD listing")
         return True
 
     @checks(LOGGED_IN, aioftp.PathPermissions(aioftp.PathPermissions.readable))
     async def mlst(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
         real_path, virtual_path = self.get_paths(connection, rest)
-        st = await stat_or_none(connection, real_path)
+        st = await self.stat_or_none(self.session(connection), real_path)
         if st is None:
             connection.response(*NOT_FOUND)
             return True

@@ -1,4 +1,4 @@
-"""The object facts store (``pathio_backends.base.ObjectFacts``) in the gateway's database.
+"""The object facts store (``pathio_backends.facts.ObjectFacts``) in the gateway's database.
 
 Shared by every replica that shares the database, so a time set by MFMT through one replica shows in a
 listing through another. Each call is one short transaction; the S3 backend treats failures as "no facts".
@@ -14,7 +14,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.users.models import ObjectFactRow
-from pathio_backends.base import ObjectFact
+from pathio_backends.facts import FactMove, ObjectFact
 
 # Keys per query: under SQLite's 999 bound parameters of builds before 3.32 (newer ones and PostgreSQL allow
 # about 32,766); a listing page of 1,000 keys takes two queries.
@@ -41,7 +41,7 @@ class DatabaseObjectFacts:
         async with self._sessions.begin() as session:
             await session.execute(self._upsert(container, key, fact))
 
-    async def move(self, container: str, moves: Sequence[tuple[str, str, str, str]]) -> None:
+    async def move(self, container: str, moves: Sequence[FactMove]) -> None:
         if not moves:
             return
         async with self._sessions.begin() as session:

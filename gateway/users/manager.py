@@ -2,12 +2,13 @@
 
 Differences from aioftp's ``MemoryUserManager``, each on purpose:
 
-* ``USER`` takes nothing: every name gets ``331`` and a placeholder (:class:`PendingLogin`), so neither
-  the reply nor its timing tells which names exist, and bare ``USER`` commands cannot use up a user's
-  session slots. The password is checked at ``PASS``, then ``max_sessions``.
-* While a user has sessions, all of them share one :class:`GatewayUser` object, so aioftp's per-user
-  throttle (keyed by that object) is shared by them; with the last session the object is dropped, and so is
-  its throttle. A change to the user in the database makes the next login build a fresh object.
+* ``USER`` takes nothing: every name gets ``331`` (aioftp's ``get_user`` returns a placeholder,
+  :class:`PendingLogin`), so neither the reply nor its timing tells which names exist, and bare ``USER``
+  commands cannot use up a user's session slots. The password is checked at ``PASS`` (:meth:`login`), then
+  ``max_sessions`` (:meth:`acquire`).
+* While a user has sessions, all of them share one :class:`GatewayUser` object, so the server's per-user
+  throttle (weakly keyed by that object) is shared by them; with the last session the object is dropped, and so
+  is its throttle. A change to the user in the database makes the next login build a fresh object.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class DatabaseUserManager(aioftp.AbstractUserManager):
             return cached
         default = self.settings.storage.default_uri
         uri = row.storage_uri or default.replace("{username}", row.name)
-        storage = path_io_factory(uri, self.settings, self.resources)
+        storage = path_io_factory(uri, self.resources)
         return GatewayUser(row, storage, create_root=row.storage_uri is None)
 
     def acquire(self, user: GatewayUser) -> bool:

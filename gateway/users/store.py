@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from gateway.users.models import PermissionRow, UserRow
+from pathio_backends.uri import check_uri
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 PERMISSION_MODES = {"rw": (True, True), "r": (True, False), "w": (False, True), "none": (False, False)}
@@ -64,8 +65,6 @@ def parse_permission(text: str) -> tuple[str, bool, bool]:
 
 
 def check_storage_uri(uri: str) -> str:
-    from pathio_backends import check_uri
-
     try:
         check_uri(uri.replace("{username}", "user"))
     except ValueError as exc:

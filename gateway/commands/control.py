@@ -1,0 +1,80 @@
+"""The control connection itself: reading commands, and what its end, its silence or a garbled line get.
+
+aioftp's dispatcher ends a session on any exception, so :meth:`ControlConnection.parse_command` never raises: the
+end of the connection, an idle timeout, an overlong line or bytes that are not UTF-8 come back as pseudo-verbs
+whose handlers answer properly (a verb never contains a space, so no client can send them).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import aioftp
+
+from gateway.commands.base import CommandBase
+
+logger = logging.getLogger(__name__)
+
+TELNET_COMMAND = re.compile(rb"\xff[\xf0-\xff]")
+
+EOF = " eof"
+IDLE = " idle"
+LINE_TOO_LONG = " line-too-long"
+NOT_UTF8 = " not-utf8"
+
+
+class ControlConnection(CommandBase):
+    NEW_COMMANDS = {
+        EOF: "control_closed",
+        IDLE: "control_idle",
+        LINE_TOO_LONG: "line_too_long",
+        NOT_UTF8: "not_utf8",
+    }
+
+    async def parse_command(self, stream: aioftp.StreamIO, censor_commands: tuple[str] = ("pass",)) -> tuple[str, str]:
+        """Read one command. A session with a transfer or a command running (HASH of a large file) is not idle."""
+        line = b""
+        while True:
+            try:
+                line = await stream.readline()
+            except TimeoutError:
+                session = self.sessions.get(stream.writer)
+                if session is not None and session.busy:
+                    continue
+                return IDLE, ""
+            except ValueError:
+                return LINE_TOO_LONG, ""
+            except OSError:
+                return EOF, ""
+            break
+        if not line:
+            return EOF, ""
+        if b"\xff" in line:
+            # Telnet commands (IAC IP, IAC DM before an ABOR); UTF-8 never has a 0xff byte.
+            line = TELNET_COMMAND.sub(lambda m: b"\xff" if m.group() == b"\xff\xff" else b"", line)
+        try:
+            text = line.decode(self.encoding)
+        except UnicodeDecodeError:
+            return NOT_UTF8, ""
+        # Only the line ending goes: a trailing space can be part of a file name.
+        verb, _, rest = text.rstrip("\r\n").partition(" ")
+        verb = verb.lower()
+        logger.debug("%s %s", verb.upper(), "***" if verb in censor_commands else rest)
+        return verb, rest
+
+    async def control_closed(self, connection: aioftp.Connection, rest: str) -> bool:
+        logger.info("client closed the control connection")
+        return False
+
+    async def control_idle(self, connection: aioftp.Connection, rest: str) -> bool:
+        connection.response("421", f"Idle for {self.idle_timeout:g} seconds; closing control connection.")
+        return False
+
+    async def line_too_long(self, connection: aioftp.Connection, rest: str) -> bool:
+        connection.response("500", "Command line too long.")
+        return True
+
+    async def not_utf8(self, connection: aioftp.Connection, rest: str) -> bool:
+        connection.response("501", "Command is not valid UTF-8.")
+        return True

@@ -1,0 +1,115 @@
+"""USER and PASS: the login, and the session it begins (the user's storage, throttles and home directory).
+
+aioftp's own fields are set here, where its handlers and decorators read them (``connection.user``, ``logged``,
+``path_io``, ``current_directory``), and the typed ones in the :class:`gateway.session.SessionState`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import PurePosixPath
+
+import aioftp
+from aioftp.common import StreamThrottle
+
+from gateway.commands.base import CommandBase
+from gateway.log import session_context
+from gateway.session import SessionState
+from gateway.users.manager import GatewayUser, UserDatabaseUnavailable
+
+logger = logging.getLogger(__name__)
+
+
+class LoginCommands(CommandBase):
+    async def user(self, connection: aioftp.Connection, rest: str) -> bool:
+        """Every name gets 331 (the password decides, at PASS): the reply tells nobody which names exist."""
+        session = self.session(connection)
+        if session.user is not None:
+            connection.response("530", "Can't change to another user.")
+            return True
+        session.login_name = rest
+        session_context.set(session.describe())
+        connection.response("331", "Password required.")
+        return True
+
+    async def pass_(self, connection: aioftp.Connection, rest: str) -> bool:
+        session = self.session(connection)
+        if session.user is not None:
+            connection.response("503", "Already logged in.")
+            return True
+        name = session.login_name
+        if name is None:
+            connection.response("503", "Send USER first.")
+            return True
+        try:
+            outcome = await self.user_manager.login(name, rest)
+        except UserDatabaseUnavailable:
+            connection.response("421", "Service not available: user database unreachable; try again later.")
+            return False
+        if outcome.user is None:
+            logger.warning("login refused for %r: %s", name, outcome.reason)
+            return await self._login_failed(connection, session)
+        user = outcome.user
+        try:
+            await user.storage.prepare(create=user.create_root)
+        except Exception as exc:
+            logger.error("login of %r refused: storage %s unavailable: %r", name, user.storage.uri, exc)
+            session.login_name = None
+            connection.response("530", "Login refused: storage unavailable.")
+            return True
+        if not self.user_manager.acquire(user):
+            logger.warning("login refused for %r: all %s sessions in use", name, user.maximum_connections)
+            session.login_name = None
+            connection.response("530", f"Too many sessions for this user (at most {user.maximum_connections}).")
+            return True
+        self._begin_session(connection, session, user)
+        connection.current_directory = await self._home(connection, session, user)
+        await self.user_manager.record_login(user, outcome.new_password_hash)
+        session_context.set(session.describe())
+        logger.info("logged in")
+        connection.response("230", "Login successful.")
+        return True
+
+    async def _login_failed(self, connection: aioftp.Connection, session: SessionState) -> bool:
+        session.login_name = None
+        session.login_failures += 1
+        # Slows password guessing down; the session is closed after a few failures.
+        await asyncio.sleep(self.settings.limits.failed_login_delay)
+        if session.login_failures >= self.settings.limits.max_login_failures:
+            connection.response("421", "Too many failed logins; closing control connection.")
+            return False
+        connection.response("530", "Login incorrect.")
+        return True
+
+    def _begin_session(self, connection: aioftp.Connection, session: SessionState, user: GatewayUser) -> None:
+        storage = user.storage(timeout=self.path_timeout, connection=connection)
+        session.user, session.storage = user, storage
+        # aioftp's handlers (CWD, RMD, DELE, RNFR ...) and decorators read these; the dispatcher tells the user
+        # manager of the session's end (a session slot) because ``user`` is set.
+        connection.user, connection.logged, connection.path_io = user, True, storage
+        throttle = self.user_throttles.get(user)
+        if throttle is None:
+            throttle = StreamThrottle.from_limits(user.read_speed_limit, user.write_speed_limit)
+            self.user_throttles[user] = throttle
+        connection.command_connection.throttles.update(
+            user_global=throttle,
+            user_per_connection=StreamThrottle.from_limits(
+                user.read_speed_limit_per_connection, user.write_speed_limit_per_connection
+            ),
+        )
+
+    async def _home(self, connection: aioftp.Connection, session: SessionState, user: GatewayUser) -> PurePosixPath:
+        root = PurePosixPath("/")
+        if user.home_path == root:
+            return root
+        connection.current_directory = root
+        real_path, virtual_path = self.get_paths(connection, user.home_path)
+        try:
+            if await session.path_io.is_dir(real_path):
+                return virtual_path
+        except aioftp.PathIOError as exc:
+            logger.warning("home %s of %r unusable (%r); starting in /", user.home_path, user.login, exc.reason)
+            return root
+        logger.warning("home %s of %r does not exist; starting in /", user.home_path, user.login)
+        return root

@@ -1,0 +1,264 @@
+"""Data connections (RFC 959 3.2), from PASV/EPSV/PORT/EPRT to the end of the transfer, and the bytes on them.
+
+Unlike aioftp's:
+* a passive port accepts its data connection only from the client's own IP (anyone who guessed the port could
+  otherwise read or write the transfer), and goes back to the server's pool when the transfer ends, so a range
+  of 20 ports serves any number of sessions whose transfers do not overlap (aioftp keeps a port per session);
+* when no passive port is free the client gets 425 and keeps its session (aioftp answers 421 and hangs up);
+* active mode connects from an unprivileged port of the address the client talks to (the PORT/EPRT handlers
+  accept only the client's own address and ports of 1024 or more: RFC 2577, no FTP bounce);
+* reads and writes are bounded with ``asyncio.timeout``, not ``asyncio.wait_for`` (see :func:`receive`).
+
+A transfer worker calls :meth:`DataChannel.connect` for its connection and the server calls
+:meth:`DataChannel.release` when the worker ends, whatever happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import ipaddress
+import logging
+from collections.abc import Callable
+from typing import Literal
+
+from aioftp.common import StreamThrottle, ThrottleStreamIO
+
+from gateway.errors import DataConnectionError, NoDataConnection
+
+logger = logging.getLogger(__name__)
+Accept = Callable[[asyncio.StreamReader, asyncio.StreamWriter], None]
+
+
+def plain_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address as compared here: an IPv4-mapped IPv6 address is its IPv4 address."""
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class PassivePorts:
+    """A server's passive range, shared by its sessions: a port is taken for one transfer and given back when it
+    ends. A port another program holds is skipped, and tried again later."""
+
+    def __init__(self, ports: range) -> None:
+        self._free = collections.deque(ports)
+
+    async def open(self, host: str, accept: Accept) -> tuple[int, asyncio.Server] | None:
+        """A listener on a free port of the range, or None when every port is taken."""
+        for _ in range(len(self._free)):
+            port = self._free.popleft()
+            try:
+                listener = await asyncio.start_server(accept, host, port)
+            except OSError as exc:
+                self._free.append(port)
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                continue
+            return port, listener
+        return None
+
+    def give_back(self, port: int) -> None:
+        self._free.append(port)
+
+
+class DataChannel:
+    """One session's data channel: the passive listener or the active address set by PASV, EPSV, PORT or EPRT,
+    and the connection made for the next transfer."""
+
+    def __init__(
+        self,
+        ports: PassivePorts,
+        *,
+        client_host: str,
+        server_host: str,
+        connect_timeout: float,
+        socket_timeout: float | None,
+    ) -> None:
+        self._ports = ports
+        self.client_ip = plain_ip(client_host)
+        self.server_host = server_host
+        self._connect_timeout = connect_timeout
+        self._socket_timeout = socket_timeout
+        # EPSV ALL (RFC 2428): from then on only EPSV sets up data connections.
+        self.epsv_all = False
+        self.mode: Literal["passive", "active"] | None = None
+        self._port: int | None = None
+        self._listener: asyncio.Server | None = None
+        # The connection the client made to the passive port, for the next transfer.
+        self._accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None
+        self._active: tuple[str, int] | None = None
+
+    @property
+    def ready(self) -> bool:
+        """PASV, EPSV, PORT or EPRT was sent for the next transfer."""
+        return self.mode is not None
+
+    async def listen(self) -> int | None:
+        """PASV/EPSV: the port to announce, or None when no port is free. A second PASV keeps the port but drops
+        a connection made after the first: it belongs to no transfer."""
+        if self._listener is None:
+            self.release()
+            opened = await self._ports.open(self.server_host, self._accept)
+            if opened is None:
+                return None
+            self._port, self._listener = opened
+        self._drop_accepted()
+        self._accepted = asyncio.get_running_loop().create_future()
+        self.mode = "passive"
+        return self._port
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        if self._accepted is None or self._accepted.done():
+            writer.close()  # no transfer waits for it, or one connection came already
+        elif peer is None or plain_ip(peer[0]) != self.client_ip:
+            logger.warning("data connection from %s refused: the session's client is %s", peer, self.client_ip)
+            writer.close()
+        else:
+            self._accepted.set_result((reader, writer))
+
+    def use_active(self, host: str, port: int) -> None:
+        """PORT/EPRT (already checked against the client's address): connect there for the next transfer."""
+        self.release()
+        self._active = (host, port)
+        self.mode = "active"
+
+    async def connect(self, throttles: dict[str, StreamThrottle]) -> ThrottleStreamIO:
+        """This transfer's data connection, throttled by ``throttles``: the one the client made to the passive
+        port, or one opened to its active address. :class:`NoDataConnection` (425) when none comes within the
+        data-connection timeout."""
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                reader, writer = await self._connection()
+        except (OSError, TimeoutError) as exc:
+            raise NoDataConnection(f"no data connection ({self.mode or 'no PASV/PORT'}): {exc!r}") from exc
+        return ThrottleStreamIO(reader, writer, throttles=throttles, timeout=self._socket_timeout)
+
+    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.mode == "passive" and self._accepted is not None:
+            # Shielded: an ABOR while waiting leaves the future to release(), which closes a late connection.
+            connection = await asyncio.shield(self._accepted)
+            self._accepted = None
+            return connection
+        if self.mode == "active" and self._active is not None:
+            host, port = self._active
+            try:
+                return await asyncio.open_connection(host, port, local_addr=(self.server_host, 0))
+            except OSError as exc:
+                logger.warning("active data connection to %s:%s failed: %r", host, port, exc)
+                raise
+        raise OSError(errno.ENOTCONN, "no PASV, EPSV, PORT or EPRT before the transfer")
+
+    def release(self) -> None:
+        """The transfer is over (or the session): close the listener and give its port back, drop a connection
+        no transfer took, forget an active address. The next transfer needs PASV, EPSV, PORT or EPRT again."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._port is not None:
+            self._ports.give_back(self._port)
+            self._port = None
+        self._drop_accepted()
+        self._accepted = None
+        self._active = None
+        self.mode = None
+
+    def _drop_accepted(self) -> None:
+        if self._accepted is None:
+            return
+        if self._accepted.done() and not self._accepted.cancelled():
+            _, writer = self._accepted.result()
+            writer.close()
+        else:
+            self._accepted.cancel()
+
+
+# -- the bytes on a data connection ---------------------------------------------------------------------------
+
+
+async def receive(stream: ThrottleStreamIO, count: int) -> bytes:
+    """``stream.read(count)``, throttled as aioftp does, but bounded with ``asyncio.timeout``: aioftp's
+    ``wait_for`` on Python 3.11 can swallow the cancellation of an ABOR when data arrives at the same moment,
+    and it costs a task per read."""
+    await stream.wait("read")
+    start = asyncio.get_running_loop().time()
+    try:
+        async with asyncio.timeout(stream.read_timeout):
+            data = await stream.reader.read(count)
+    except (OSError, asyncio.IncompleteReadError) as exc:
+        raise DataConnectionError(f"data connection failed: {exc!r}") from exc
+    stream.append("read", data, start)
+    return data
+
+
+async def send(stream: ThrottleStreamIO, data: bytes) -> None:
+    """``stream.write(data)`` with the same changes as :func:`receive`."""
+    await stream.wait("write")
+    start = asyncio.get_running_loop().time()
+    try:
+        stream.writer.write(data)
+        async with asyncio.timeout(stream.write_timeout):
+            await stream.writer.drain()
+    except OSError as exc:
+        raise DataConnectionError(f"data connection failed: {exc!r}") from exc
+    stream.append("write", data, start)
+
+
+class BlockReceiver:
+    """Reads a data connection in blocks of ``block_size``: a socket read returns at most what the kernel has
+    (often 64 KiB), and storing fewer, larger blocks costs fewer thread hops or S3 requests."""
+
+    def __init__(self, stream: ThrottleStreamIO, block_size: int) -> None:
+        self.stream = stream
+        self.block_size = block_size
+        self.received = 0
+        self._ended = False
+
+    def __aiter__(self) -> BlockReceiver:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while size < self.block_size and not self._ended:
+            chunk = await receive(self.stream, self.block_size - size)
+            if not chunk:
+                self._ended = True
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if not chunks:
+            raise StopAsyncIteration
+        self.received += size
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+class AsciiConverter:
+    """TYPE A: line endings of one transfer, fed block by block (a CR LF may straddle two blocks)."""
+
+    def __init__(self) -> None:
+        self._last = b""
+
+    def to_network(self, data: bytes) -> bytes:
+        """LF at rest -> CRLF on the wire; an existing CRLF stays as it is."""
+        out = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if data.startswith(b"\n") and self._last == b"\r":
+            out = out[1:]
+        self._last = data[-1:] or self._last
+        return out
+
+    def to_storage(self, data: bytes) -> bytes:
+        """CRLF on the wire -> LF at rest; a CR that ends a block waits for the next one."""
+        data = self._last + data
+        self._last = b""
+        if data.endswith(b"\r"):
+            data, self._last = data[:-1], b"\r"
+        return data.replace(b"\r\n", b"\n")
+
+    def flush(self) -> bytes:
+        """What is left at the end of an upload (a lone CR)."""
+        left, self._last = self._last, b""
+        return left

@@ -1,0 +1,70 @@
+"""What the gateway keeps for one control connection, typed, in one place.
+
+aioftp keeps its own fields on its ``Connection`` (a dict of futures keyed by name): ``user`` and ``logged``,
+``current_directory``, ``path_io`` and ``rename_from``, which its handlers and decorators read there. The gateway
+sets those where aioftp expects them (at login, in ``commands/login.py``) and keeps everything else here; no
+other name is set on a ``Connection``. ``GatewayServer`` makes one :class:`SessionState` when a control connection
+is accepted and closes it when the connection ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Literal
+
+from gateway.datachannel import DataChannel
+from gateway.users.manager import GatewayUser
+from pathio_backends.base import TransactionalPathIO
+
+# Facts MLST and MLSD can give (RFC 3659 7.8); OPTS MLST picks some of them for the session.
+MLST_FACTS = ("type", "size", "modify", "perm")
+# HASH's algorithm until OPTS HASH picks another (draft-bryan-ftpext-hash).
+DEFAULT_HASH = "SHA-256"
+
+
+@dataclass(eq=False)
+class SessionState:
+    client_host: str
+    client_port: int
+    data: DataChannel
+    # Commands run one at a time, in the order they came (``server.in_order``); transfers run outside it.
+    command_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Transfer workers running (their 150 sent, their 226 not yet): they keep an idle session open.
+    transfers: set[asyncio.Task[None]] = field(default_factory=set)
+    # The name given with USER, until PASS; then the user, and the storage (as aioftp's Connection has them).
+    login_name: str | None = None
+    login_failures: int = 0
+    user: GatewayUser | None = None
+    storage: TransactionalPathIO | None = None
+    transfer_type: Literal["A", "I"] = "I"
+    # From REST, for the next transfer only (aioftp's dispatcher would clear its own on any other command).
+    restart_offset: int = 0
+    hash_algorithm: str = DEFAULT_HASH
+    mlst_facts: tuple[str, ...] = MLST_FACTS
+
+    @property
+    def path_io(self) -> TransactionalPathIO:
+        """The user's storage; every command that uses it needs a login first (``server.gate``)."""
+        if self.storage is None:
+            raise RuntimeError("no storage before login")
+        return self.storage
+
+    @property
+    def ascii(self) -> bool:
+        """TYPE A: line endings are converted on the wire."""
+        return self.transfer_type == "A"
+
+    @property
+    def busy(self) -> bool:
+        """A command or a transfer is running (so the session is not idle)."""
+        return bool(self.transfers) or self.command_lock.locked()
+
+    def take_restart_offset(self) -> int:
+        offset, self.restart_offset = self.restart_offset, 0
+        return offset
+
+    def describe(self) -> str:
+        """``host:port user`` for the log (the USER name before PASS)."""
+        name = self.user.login if self.user is not None else self.login_name
+        return f"{self.client_host}:{self.client_port} {name or '-'}"
