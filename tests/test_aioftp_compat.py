@@ -1,0 +1,139 @@
+"""What the gateway takes from aioftp and asyncio beyond their documented interfaces (``gateway/aioftp_compat.py``),
+checked against the installed releases: an upgrade that changes any of it fails here first, by name."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aioftp
+import pytest
+
+from gateway import aioftp_compat
+from gateway.errors import unwrap
+
+PINNED_AIOFTP = (0, 28)
+
+
+def test_aioftp_is_the_pinned_release() -> None:
+    assert aioftp.version[:2] == PINNED_AIOFTP, (
+        f"aioftp {aioftp.__version__}: re-check gateway/aioftp_compat.py and this file, then move the pin"
+    )
+
+
+async def test_stream_reader_internals() -> None:
+    """The pump takes what a StreamReader read ahead; the killed-client check looks at it."""
+    reader = asyncio.StreamReader()
+    assert aioftp_compat.has_buffer(reader)
+    assert aioftp_compat.buffered(reader) == b""
+    reader.feed_data(b"NOOP\r\n")
+    assert aioftp_compat.buffered(reader) == b"NOOP\r\n"
+    reader.feed_eof()
+    assert aioftp_compat.take_buffered(reader) == (b"NOOP\r\n", True)
+    assert aioftp_compat.buffered(reader) == b""
+    assert reader.at_eof()
+
+
+async def test_the_dispatcher_as_the_gateway_uses_it() -> None:
+    """The gateway keys a session's state by the control connection's writer (what ``dispatcher`` is given, and
+    what ``parse_command``'s stream carries), runs ``greeting`` first, ends a session when a handler returns
+    False, cancels ``extra_workers`` at the end, and counts on ``commands_mapping`` holding bound methods."""
+    seen: dict[str, Any] = {}
+    ended = asyncio.Event()
+
+    class Probe(aioftp.Server):
+        def __init__(self) -> None:
+            super().__init__()
+            assert self.commands_mapping["pwd"] == self.pwd
+            self.commands_mapping["long"] = self.long
+            self.commands_mapping["stop"] = self.stop
+
+        async def dispatcher(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            seen["writer"] = writer
+            await super().dispatcher(reader, writer)
+            ended.set()
+
+        async def greeting(self, connection: aioftp.Connection, rest: str) -> bool:
+            seen["greeted before any command"] = "command" not in seen
+            return await super().greeting(connection, rest)
+
+        async def parse_command(self, stream: Any, censor_commands: tuple[str] = ("pass",)) -> tuple[str, str]:
+            seen["stream writer"] = stream.writer
+            command = await super().parse_command(stream)
+            seen["command"] = command
+            return command
+
+        async def long(self, connection: aioftp.Connection, rest: str) -> bool:
+            async def work() -> None:
+                try:
+                    await asyncio.sleep(60)
+                except asyncio.CancelledError:
+                    seen["worker cancelled"] = True
+                    raise
+
+            connection.extra_workers.add(asyncio.ensure_future(work()))
+            connection.response("200", "started")
+            return True
+
+        async def stop(self, connection: aioftp.Connection, rest: str) -> bool:
+            connection.response("221", "bye")
+            return False
+
+    server = Probe()
+    await server.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.server_port)
+        assert (await reader.readline()).startswith(b"220")
+        writer.write(b"LONG\r\nSTOP\r\n")
+        assert (await reader.readline()).startswith(b"200")
+        assert (await reader.readline()).startswith(b"221")
+        assert await reader.read() == b""  # the session ended
+        writer.close()
+        await asyncio.wait_for(ended.wait(), 10)
+    finally:
+        await server.close()
+    assert seen["stream writer"] is seen["writer"]
+    assert seen["greeted before any command"]
+    assert seen["worker cancelled"]
+
+
+async def test_aioftp_worker_answers_an_abort_with_426_and_226() -> None:
+    replies: list[tuple[Any, ...]] = []
+    connection = aioftp.Connection(response=lambda *args: replies.append(args))
+
+    @aioftp.server.worker
+    async def transfer(server: Any, connection: aioftp.Connection, rest: str) -> None:
+        await asyncio.sleep(60)
+
+    task = asyncio.ensure_future(transfer(None, connection, ""))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    task.cancel()
+    await task
+    assert [reply[0] for reply in replies] == ["426", "226"]
+
+
+async def test_path_io_errors_carry_the_backends_exception() -> None:
+    """``errors.unwrap`` finds the backend's exception in ``PathIOError.reason``, however deep."""
+
+    @aioftp.pathio.universal_exception
+    async def inner() -> None:
+        raise FileNotFoundError(2, "gone", "/x")
+
+    @aioftp.pathio.universal_exception
+    async def outer() -> None:
+        await inner()
+
+    with pytest.raises(aioftp.PathIOError) as excinfo:
+        await outer()
+    assert isinstance(unwrap(excinfo.value), FileNotFoundError)
+
+
+async def test_connection_keeps_aioftps_fields_as_futures() -> None:
+    """aioftp's decorators wait on ``Connection`` futures by name; the gateway sets ``user``, ``logged`` and
+    ``path_io`` there at login and reads ``current_directory``, ``rename_from`` and ``command_connection``."""
+    connection = aioftp.Connection(extra_workers=set())
+    assert not connection.future.logged.done()
+    connection.logged = True
+    assert connection.future.logged.done() and connection.logged is True
+    del connection.logged
+    assert "logged" not in connection
