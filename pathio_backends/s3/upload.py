@@ -175,7 +175,9 @@ class S3Upload(Upload):
 
     # -- parts -----------------------------------------------------------------------------------------
 
-    async def _ensure_multipart(self, **arguments: Any) -> str:
+    async def start(self, **arguments: Any) -> str:
+        """The multipart upload's id, begun now if it was not (with ``arguments``, such as ``Metadata``, for the
+        object)."""
         if self.upload_id is None:
             # Run to its end even if cancelled meanwhile: the id must be known to abort the upload S3 made.
             response = await run_to_completion(
@@ -185,13 +187,9 @@ class S3Upload(Upload):
             logger.debug("multipart upload %s of %s started", self.upload_id, self.key)
         return self.upload_id
 
-    async def start(self, **arguments: Any) -> None:
-        """Begin the multipart upload now, with ``arguments`` (``Metadata``, content headers) for the object."""
-        await self._ensure_multipart(**arguments)
-
     async def send_part(self, request: PartRequest) -> None:
         """Send the next part (numbered now, in order) once a slot is free."""
-        upload_id = await self._ensure_multipart()
+        upload_id = await self.start()
         if self.next_part > MAX_PARTS:
             raise OSError(errno.EFBIG, "upload exceeds S3's 10,000 parts", self.key)
         number = self.next_part
