@@ -82,9 +82,12 @@ class TransferSettings(_Section):
     # Threads that move local-disk transfers with blocking recv/write/sendfile; more transfers than this at
     # once go through the event loop (slower, same result). 0: always the event loop.
     pump_threads: Annotated[int, Field(ge=0, le=1024)] = 64
-    # After an upload's data connection ends, how long to watch the control connection before committing: a
-    # client that was killed closes both, and the control connection's end can come a few ms after the data's.
+    # After an upload's data connection ends, the control connection is watched before the commit: a client that
+    # was killed closes both, and the control connection's end can come a few ms after the data's. The watch
+    # lasts ``close_grace_fraction`` of the upload's own duration, at most ``close_grace`` seconds: a small file
+    # is not held up, a long upload (the one a kill most likely hits) waits up to 20 ms.
     close_grace: Annotated[float, Field(ge=0, le=5)] = 0.02
+    close_grace_fraction: Annotated[float, Field(ge=0, le=1)] = 0.01
 
 
 class TimeoutSettings(_Section):

@@ -196,12 +196,37 @@ def test_killed_client_leaves_no_partial_file(variant_gateway: GatewayThread, tm
     try:
         # Local disk: the temporary file exists; S3: the multipart upload has begun (its first part is out).
         wait_until(upload_started, timeout=30, what="the upload to start")
-        time.sleep(0.5)
+        time.sleep(1.0)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
     variant_gateway.wait_for_no_pending_uploads("alice")
     assert variant_gateway.files.files("alice") == {"big.bin": OLD}
+
+
+@pytest.mark.parametrize("variant", ["local-pump", "s3"])
+def test_small_uploads_wait_no_fixed_time(request: pytest.FixtureRequest, tmp_path: Path, variant: str) -> None:
+    """The killed-client watch lasts a share of each upload's duration: 200 small files in a row on one
+    connection take about as long up as down. A fixed wait of ``close_grace`` (20 ms) per file would add 4 s,
+    many times what the same files take to come back down in the same run."""
+    with running(variant_settings(request, tmp_path, variant)) as gateway:
+        gateway.add_user("alice")
+        client = ftp_login(gateway.host, gateway.port, "alice")
+        files = {f"f{i:03}.bin": random_bytes(4096, seed=i) for i in range(200)}
+        for name, data in list(files.items())[:10]:  # warm-up: first connections, first files
+            client.stor(name, data)
+            client.retr(name)
+        started = time.monotonic()
+        for name, data in files.items():
+            client.stor(name, data)
+        uploading = time.monotonic() - started
+        started = time.monotonic()
+        received = {name: client.retr(name) for name in files}
+        downloading = time.monotonic() - started
+        client.quit()
+    assert received == files
+    fixed_wait = 200 * gateway.settings.transfer.close_grace
+    assert uploading < 2 * downloading + fixed_wait / 4, (uploading, downloading)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
