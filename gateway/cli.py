@@ -8,7 +8,6 @@ is one line and exit code 1. No traceback either way.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import errno
 import getpass
 import json
@@ -17,13 +16,14 @@ import os
 import re
 import secrets
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from gateway import __version__
+from gateway import __version__, runtime
 from gateway import log as gateway_log
 from gateway.config import ConfigError, Settings, load_settings, parse_host_port, parse_port_range
+from gateway.runtime import EventLoopChoice
 from gateway.users.db import DatabaseError, create_engine, describe_error, ensure_schema, schema_revisions, upgrade
 from gateway.users.passwords import Passwords
 from gateway.users.store import (
@@ -262,9 +262,9 @@ def run_with_store(settings: Settings, action: Callable[[UserStore], Awaitable[T
     return _run(main())
 
 
-def _run(coro: Awaitable[T], failure: str = "database unavailable") -> T:
+def _run(coro: Coroutine[Any, Any, T], failure: str = "database unavailable", loop: EventLoopChoice = "asyncio") -> T:
     try:
-        return asyncio.run(coro)  # type: ignore[arg-type]
+        return runtime.run(coro, loop)
     except (CliError, UserError, DatabaseError):
         raise
     except Exception as exc:
@@ -424,16 +424,31 @@ def serve(settings: Settings, ready: Callable[[GatewayServer], Awaitable[None]])
     """Run a gateway until a signal; a port already in use or any start-up failure is one line."""
     from gateway.server import serve_until_signalled
 
+    async def started(server: GatewayServer) -> None:
+        logger.info(
+            "event loop %s; open files limit %d (%s); at most %d connections",
+            runtime.loop_name(),
+            limit,
+            f"raised from {previous}" if limit != previous else "the hard limit",
+            server.max_connections,
+        )
+        await ready(server)
+
     async def main() -> int:
         try:
-            await serve_until_signalled(settings, ready)
+            await serve_until_signalled(settings, started)
         except OSError as exc:
             if exc.errno not in LISTEN_ERRNOS:
                 raise  # not the listening socket: a database or storage failure, reported by _run
             raise CliError(f"cannot listen on {settings.listen}: {os.strerror(exc.errno)}", EXIT_FAILURE) from None
         return 0
 
-    return _run(main(), "cannot start")
+    try:
+        runtime.loop_factory(settings.event_loop)
+    except ImportError:
+        raise CliError("event_loop = uvloop, but uvloop is not installed (pip install uvloop)") from None
+    previous, limit = runtime.raise_open_files_limit()
+    return _run(main(), "cannot start", settings.event_loop)
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:

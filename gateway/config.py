@@ -102,8 +102,9 @@ class TimeoutSettings(_Section):
 
 
 class LimitSettings(_Section):
-    # Control connections the server accepts at once; the next one gets 421.
-    max_connections: Annotated[int, Field(ge=1)] | None = 512
+    # Control connections the server accepts at once; the next one gets 421. None: as many as the open-files
+    # limit allows (raised to its hard limit at start), after what the passive ports' transfers need.
+    max_connections: Annotated[int, Field(ge=1)] | None = None
     # Pause before answering a wrong password, to slow guessing down.
     failed_login_delay: Annotated[float, Field(ge=0, le=60)] = 1.0
     # Wrong passwords after which a session is closed (421).
@@ -126,6 +127,8 @@ class Settings(BaseSettings):
     # HOST:PORT of the control connection; port 0 picks a free one (the start-up line names it).
     listen: str = "127.0.0.1:2121"
     welcome_message: str = "ftp-gateway ready"
+    # The event loop: uvloop where it is installed ("auto"), else asyncio's own.
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     passive: PassiveSettings = PassiveSettings()
     database: DatabaseSettings = DatabaseSettings()
     storage: StorageSettings = StorageSettings()

@@ -63,6 +63,29 @@ def _nofollow_opener(path: str, flags: int) -> int:
     return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
+# Linux names what an open descriptor refers to in /proc/self/fd: the kernel's own resolution of every symlink.
+_PROC_FD = "/proc/self/fd"
+_O_PATH: int | None = getattr(os, "O_PATH", None)
+
+
+def realpath(path: str) -> str:
+    """``os.path.realpath``: on Linux one ``open(O_PATH)`` and one ``readlink`` of its /proc entry where the path
+    exists, rather than a Python loop with an ``lstat`` per component (a third of a small transfer's time in the
+    worker threads); ``os.path.realpath`` for a missing path and elsewhere."""
+    if _O_PATH is None:
+        return os.path.realpath(path)
+    try:
+        fd = os.open(path, _O_PATH | os.O_CLOEXEC)
+    except OSError:
+        return os.path.realpath(path)
+    try:
+        return os.readlink(f"{_PROC_FD}/{fd}")
+    except OSError:
+        return os.path.realpath(path)
+    finally:
+        os.close(fd)
+
+
 class Confinement:
     """Maps the paths aioftp hands over (``base_path / virtual``) to real paths inside the root, or refuses."""
 
@@ -84,7 +107,7 @@ class Confinement:
 
     def resolve(self, path: Path) -> str:
         """The real path, following every symlink (blocking: call from a worker thread)."""
-        real = os.path.realpath(self._lexical(path))
+        real = realpath(self._lexical(path))
         if not self.inside(real):
             raise PermissionError(errno.EACCES, "path leads outside the user's root", str(path))
         return real
@@ -94,7 +117,7 @@ class Confinement:
         lexical = self._lexical(path)
         if lexical == self.root:
             raise PermissionError(errno.EPERM, "the root directory cannot be changed", str(path))
-        parent = os.path.realpath(os.path.dirname(lexical))
+        parent = realpath(os.path.dirname(lexical))
         if not self.inside(parent):
             raise PermissionError(errno.EACCES, "path leads outside the user's root", str(path))
         real = os.path.join(parent, os.path.basename(lexical))
@@ -111,7 +134,7 @@ class Confinement:
         try:
             st = os.lstat(full)
             if stat.S_ISLNK(st.st_mode):
-                if not self.inside(os.path.realpath(full)):
+                if not self.inside(realpath(full)):
                     return None
                 st = os.stat(full)
         except OSError:

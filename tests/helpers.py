@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from gateway import runtime
 from gateway.config import Settings, load_settings
 from gateway.server import GatewayServer, running_gateway
 from gateway.users.passwords import Passwords
@@ -199,7 +200,7 @@ class GatewayThread:
 
     def _main(self) -> None:
         try:
-            asyncio.run(self._serve())
+            runtime.run(self._serve(), self.settings.event_loop)
         except BaseException as exc:  # noqa: BLE001 - handed to the test thread
             self._error = exc
             self._ready.set()

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, TypeVar
 import aioftp
 from aioftp.common import StreamThrottle
 
+from gateway import runtime
 from gateway.config import Settings
 from gateway.datachannel import PassivePorts
 from gateway.errors import answer, transfer_errors, unwrap
@@ -51,6 +52,9 @@ class CommandBase(aioftp.Server):
     NEW_COMMANDS: ClassVar[dict[str, str]] = {}
 
     def __init__(self, settings: Settings, user_manager: DatabaseUserManager) -> None:
+        max_connections = settings.limits.max_connections or runtime.connections_for(
+            runtime.open_files_limit(), len(settings.passive.ports)
+        )
         super().__init__(
             users=user_manager,
             block_size=settings.transfer.block_size,
@@ -61,11 +65,13 @@ class CommandBase(aioftp.Server):
             # Sessions get their user's own backend at login; every path command needs a login first, so this
             # in-memory one is never used (and touches no disk if it were).
             path_io_factory=aioftp.MemoryPathIO,  # type: ignore[arg-type]
-            maximum_connections=settings.limits.max_connections,
+            maximum_connections=max_connections,
             encoding="utf-8",
             welcome_message=settings.welcome_message,
         )
         self.settings = settings
+        # Control connections at once (the next one gets 421): the setting, or what the open-files limit allows.
+        self.max_connections = max_connections
         self.user_manager: DatabaseUserManager = user_manager
         threads = settings.transfer.pump_threads
         self.pump = TransferPump(threads) if threads else None

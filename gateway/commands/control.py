@@ -7,8 +7,10 @@ whose handlers answer properly (a verb never contains a space, so no client can 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+from collections.abc import Iterable
 
 import aioftp
 
@@ -37,7 +39,11 @@ class ControlConnection(CommandBase):
         line = b""
         while True:
             try:
-                line = await stream.readline()
+                # The StreamReader itself under asyncio.timeout: aioftp's ``readline`` adds a throttle (none applies
+                # to commands) and a ``wait_for``, which on Python 3.11 is one more task per line, alive all the
+                # time a session is idle.
+                async with asyncio.timeout(stream.read_timeout):
+                    line = await stream.reader.readline()
             except TimeoutError:
                 session = self.sessions.get(stream.writer)
                 if session is not None and session.busy:
@@ -62,6 +68,26 @@ class ControlConnection(CommandBase):
         verb = verb.lower()
         logger.debug("%s %s", verb.upper(), "***" if verb in censor_commands else rest)
         return verb, rest
+
+    async def write_response(
+        self, stream: aioftp.StreamIO, code: str, lines: str | Iterable[str] = "", list: bool = False
+    ) -> None:
+        """aioftp's reply format (``code-`` before all lines but the last; ``list`` indents the middle lines), sent
+        with one write; waits only when the client does not read its replies (aioftp waits on every line with
+        ``wait_for``, a task each)."""
+        *head, tail = [lines] if isinstance(lines, str) else lines
+        if list and head:
+            first, *body = head
+            text = [f"{code}-{first}", *(f" {line}" for line in body)]
+        else:
+            text = [f"{code}-{line}" for line in head]
+        text.append(f"{code} {tail}\r\n")
+        logger.debug("%s", text)
+        writer = stream.writer
+        writer.write("\r\n".join(text).encode(self.encoding))
+        if writer.transport.get_write_buffer_size():
+            async with asyncio.timeout(stream.write_timeout):
+                await writer.drain()
 
     async def control_closed(self, connection: aioftp.Connection, rest: str) -> bool:
         logger.info("client closed the control connection")
