@@ -123,6 +123,9 @@ def build_parser() -> Parser:
     serve.add_argument("--passive-ports", type=port_range, metavar="LO-HI", help="passive data port range")
     serve.add_argument("--masquerade-address", metavar="IP", help="IPv4 address announced in PASV replies")
     serve.add_argument("--storage", metavar="URI", help="storage of users without their own ({username} allowed)")
+    serve.add_argument(
+        "--workers", type=worker_number, metavar="N", help="processes sharing the control port (default: one per CPU)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     dev = commands.add_parser(
@@ -213,6 +216,12 @@ def _limit_options(parser: argparse.ArgumentParser) -> None:
 # -- settings -------------------------------------------------------------------------------------------
 
 
+def worker_number(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 256:
+        raise argparse.ArgumentTypeError(f"invalid worker count {text!r}: 0 (one per CPU) to 256")
+    return int(text)
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     """The config file < ``FTP_GATEWAY_*`` < the flags given on this command line."""
     config = args.config or (Path(os.environ["FTP_GATEWAY_CONFIG"]) if os.environ.get("FTP_GATEWAY_CONFIG") else None)
@@ -250,7 +259,9 @@ def read_password(args: argparse.Namespace) -> str:
 # -- running against the database -----------------------------------------------------------------------
 
 
-def run_with_store(settings: Settings, action: Callable[[UserStore], Awaitable[T]]) -> T:
+def run_with_store(
+    settings: Settings, action: Callable[[UserStore], Awaitable[T]], failure: str = "database unavailable"
+) -> T:
     async def main() -> T:
         engine = create_engine(settings.database)
         try:
@@ -259,7 +270,7 @@ def run_with_store(settings: Settings, action: Callable[[UserStore], Awaitable[T
         finally:
             await engine.dispose()
 
-    return _run(main())
+    return _run(main(), failure)
 
 
 def _run(coro: Coroutine[Any, Any, T], failure: str = "database unavailable", loop: EventLoopChoice = "asyncio") -> T:
@@ -420,7 +431,7 @@ def cmd_user_delete(settings: Settings, args: argparse.Namespace) -> int:
 # -- serve ----------------------------------------------------------------------------------------------
 
 
-def serve(settings: Settings, ready: Callable[[GatewayServer], Awaitable[None]]) -> int:
+def serve(settings: Settings, ready: Callable[[GatewayServer], Awaitable[None]], *, reuse_port: bool = False) -> int:
     """Run a gateway until a signal; a port already in use or any start-up failure is one line."""
     from gateway.server import serve_until_signalled
 
@@ -436,32 +447,72 @@ def serve(settings: Settings, ready: Callable[[GatewayServer], Awaitable[None]])
 
     async def main() -> int:
         try:
-            await serve_until_signalled(settings, started)
+            await serve_until_signalled(settings, started, reuse_port=reuse_port)
         except OSError as exc:
             if exc.errno not in LISTEN_ERRNOS:
                 raise  # not the listening socket: a database or storage failure, reported by _run
             raise CliError(f"cannot listen on {settings.listen}: {os.strerror(exc.errno)}", EXIT_FAILURE) from None
         return 0
 
-    try:
-        runtime.loop_factory(settings.event_loop)
-    except ImportError:
-        raise CliError("event_loop = uvloop, but uvloop is not installed (pip install uvloop)") from None
+    check_event_loop(settings)
     previous, limit = runtime.raise_open_files_limit()
     return _run(main(), "cannot start", settings.event_loop)
 
 
+def check_event_loop(settings: Settings) -> None:
+    try:
+        runtime.loop_factory(settings.event_loop)
+    except ImportError:
+        raise CliError("event_loop = uvloop, but uvloop is not installed (pip install uvloop)") from None
+
+
+async def warn_if_no_users(store: UserStore) -> None:
+    if not await store.count():
+        logger.warning("no users yet: add one with 'ftp-gateway user add NAME' (same --database or config)")
+
+
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway import workers
     from gateway.server import format_address
 
     gateway_log.configure(settings.log.level)
+    if args.workers is not None:
+        settings = settings.model_copy(update={"workers": args.workers})
+    count = workers.worker_count(settings.workers)
 
-    async def ready(server: GatewayServer) -> None:
-        if not await server.user_manager.store.count():
-            logger.warning("no users yet: add one with 'ftp-gateway user add NAME' (same --database or config)")
-        print(f"listening on ftp://{format_address(settings.listen_host, server.server_port)}", flush=True)
+    def announce(port: int) -> None:
+        if count > 1:
+            logger.info("%d worker processes share the control port", count)
+        print(f"listening on ftp://{format_address(settings.listen_host, port)}", flush=True)
 
-    return serve(settings, ready)
+    if count == 1:
+
+        async def ready(server: GatewayServer) -> None:
+            await warn_if_no_users(server.user_manager.store)
+            announce(server.server_port)
+
+        return serve(settings, ready)
+
+    check_event_loop(settings)
+    try:
+        workers.passive_slices(settings.passive, count)
+    except workers.WorkersError as exc:
+        raise CliError(str(exc)) from None
+    # Also creates an embedded schema, once, before the workers start.
+    run_with_store(settings, warn_if_no_users, "cannot start")
+
+    def run_worker(worker: Settings, ready: Callable[[GatewayServer], Awaitable[None]]) -> int:
+        try:
+            return serve(worker, ready, reuse_port=True)
+        except CliError as exc:
+            return _fail(str(exc), exc.code)
+
+    try:
+        return workers.serve_workers(settings, count, run_worker, announce)
+    except workers.WorkersError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot listen on {settings.listen}: {os.strerror(exc.errno or 0)}", EXIT_FAILURE) from None
 
 
 def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:

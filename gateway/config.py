@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     welcome_message: str = "ftp-gateway ready"
     # The event loop: uvloop where it is installed ("auto"), else asyncio's own.
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    # Processes of ``serve`` sharing the control port (SO_REUSEPORT), each with a slice of the passive range;
+    # 0: one per CPU.
+    workers: Annotated[int, Field(ge=0, le=256)] = 0
     passive: PassiveSettings = PassiveSettings()
     database: DatabaseSettings = DatabaseSettings()
     storage: StorageSettings = StorageSettings()

@@ -129,21 +129,24 @@ def format_address(host: str | None, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def serve_until_signalled(settings: Settings, ready: Callable[[GatewayServer], Awaitable[None]]) -> None:
+async def serve_until_signalled(
+    settings: Settings, ready: Callable[[GatewayServer], Awaitable[None]], *, reuse_port: bool = False
+) -> None:
     """Run the gateway until SIGINT or SIGTERM; ``ready`` runs once it listens (and announces it)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    async with running_gateway(settings) as server:
+    async with running_gateway(settings, reuse_port=reuse_port) as server:
         await ready(server)
         await stop.wait()
         logger.info("stopping")
 
 
 @asynccontextmanager
-async def running_gateway(settings: Settings) -> AsyncIterator[GatewayServer]:
-    """Open the user database (creating an embedded SQLite schema), start the server, and close both at exit."""
+async def running_gateway(settings: Settings, *, reuse_port: bool = False) -> AsyncIterator[GatewayServer]:
+    """Open the user database (creating an embedded SQLite schema), start the server, and close both at exit.
+    ``reuse_port``: the control port is shared with other worker processes (``SO_REUSEPORT``)."""
     async with AsyncExitStack() as stack:
         engine = create_engine(settings.database)
         stack.push_async_callback(engine.dispose)
@@ -155,6 +158,9 @@ async def running_gateway(settings: Settings) -> AsyncIterator[GatewayServer]:
         server = GatewayServer(settings, DatabaseUserManager(store, settings, resources))
         if server.pump is not None:
             stack.callback(server.pump.close)
-        await server.start(settings.listen_host, settings.listen_port)
+        if reuse_port:
+            await server.start(settings.listen_host, settings.listen_port, reuse_port=True)
+        else:
+            await server.start(settings.listen_host, settings.listen_port)
         stack.push_async_callback(server.close)
         yield server
