@@ -80,8 +80,8 @@ def dev_settings(settings: Settings, endpoint: str, data_dir: Path, database_giv
     return settings.model_copy(update=changes)
 
 
-async def ensure_demo_user(store: UserStore, password: str) -> None:
-    password_hash = await Passwords().hash(password)
+async def ensure_demo_user(store: UserStore, passwords: Passwords, password: str) -> None:
+    password_hash = await passwords.hash(password)
     try:
         await store.add(DEMO_USER, password_hash)
     except UserExists:
@@ -107,7 +107,7 @@ def _data_dir(given: Path | None) -> Iterator[Path]:
 
 def when_ready(settings: Settings, endpoint: str, password: str) -> Callable[[GatewayServer], Awaitable[None]]:
     async def ready(server: GatewayServer) -> None:
-        await ensure_demo_user(server.user_manager.store, password)
+        await ensure_demo_user(server.user_manager.store, server.user_manager.passwords, password)
         announce(server, settings, endpoint, password)
 
     return ready

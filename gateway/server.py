@@ -28,6 +28,7 @@ from gateway.session import SessionState
 from gateway.users.db import create_engine, display_url, ensure_schema
 from gateway.users.facts import DatabaseObjectFacts
 from gateway.users.manager import DatabaseUserManager
+from gateway.users.passwords import Passwords, unmap_large_blocks
 from gateway.users.store import UserStore
 from pathio_backends import BackendResources
 
@@ -155,7 +156,10 @@ async def running_gateway(settings: Settings, *, reuse_port: bool = False) -> As
         logger.info("users in %s", display_url(engine.url))
         resources = BackendResources(s3=settings.s3, facts=DatabaseObjectFacts(engine))
         stack.push_async_callback(resources.aclose)
-        server = GatewayServer(settings, DatabaseUserManager(store, settings, resources))
+        unmap_large_blocks()
+        passwords = Passwords()
+        stack.callback(passwords.close)
+        server = GatewayServer(settings, DatabaseUserManager(store, settings, resources, passwords))
         if server.pump is not None:
             stack.callback(server.pump.close)
         if reuse_port:

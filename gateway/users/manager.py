@@ -79,13 +79,13 @@ class DatabaseUserManager(aioftp.AbstractUserManager):
         store: UserStore,
         settings: Settings,
         resources: BackendResources,
-        passwords: Passwords | None = None,
+        passwords: Passwords,
     ) -> None:
         super().__init__(timeout=settings.database.timeout)
         self.store = store
         self.settings = settings
         self.resources = resources
-        self.passwords = passwords or Passwords()
+        self.passwords = passwords
         self._active: dict[str, GatewayUser] = {}
         self._sessions: dict[str, int] = {}
 
