@@ -111,6 +111,16 @@ class LimitSettings(_Section):
     max_login_failures: Annotated[int, Field(ge=1)] = 3
 
 
+class LoginSettings(_Section):
+    # Remember correct logins in memory (a keyed hash of name and password, never either): the next login with
+    # the same name and password skips argon2id while the user's row is unchanged. Wrong passwords always pay.
+    password_cache: bool = True
+    # Seconds a remembered login counts; then the password is checked with argon2id again.
+    password_cache_ttl: Annotated[float, Field(gt=0, le=86400)] = 300.0
+    # Logins remembered at most; the least recently used go first.
+    password_cache_size: Annotated[int, Field(ge=1)] = 10000
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -139,6 +149,7 @@ class Settings(BaseSettings):
     transfer: TransferSettings = TransferSettings()
     timeouts: TimeoutSettings = TimeoutSettings()
     limits: LimitSettings = LimitSettings()
+    login: LoginSettings = LoginSettings()
     log: LogSettings = LogSettings()
 
     @field_validator("listen")

@@ -9,6 +9,8 @@ Differences from aioftp's ``MemoryUserManager``, each on purpose:
 * While a user has sessions, all of them share one :class:`GatewayUser` object, so the server's per-user
   throttle (weakly keyed by that object) is shared by them; with the last session the object is dropped, and so
   is its throttle. A change to the user in the database makes the next login build a fresh object.
+* The user's row is read at every login, also when the password is in the :class:`PasswordCache`: whether
+  the user may log in and with what comes from the database, only argon2id's verdict from memory.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import aioftp
 from gateway.config import Settings
 from gateway.users.db import describe_error
 from gateway.users.models import UserRow
+from gateway.users.password_cache import PasswordCache
 from gateway.users.passwords import Passwords
 from gateway.users.store import UserStore
 from pathio_backends import BackendResources, StorageFactory, path_io_factory
@@ -86,6 +89,10 @@ class DatabaseUserManager(aioftp.AbstractUserManager):
         self.settings = settings
         self.resources = resources
         self.passwords = passwords
+        login = settings.login
+        self.password_cache = (
+            PasswordCache(login.password_cache_ttl, login.password_cache_size) if login.password_cache else None
+        )
         self._active: dict[str, GatewayUser] = {}
         self._sessions: dict[str, int] = {}
 
@@ -114,7 +121,9 @@ class DatabaseUserManager(aioftp.AbstractUserManager):
         if row is None:
             await self.passwords.verify(None, password)
             return LoginOutcome(None, "unknown user")
-        if not await self.passwords.verify(row.password_hash, password):
+        cache = self.password_cache
+        remembered = cache is not None and cache.check(name, password, row)
+        if not remembered and not await self.passwords.verify(row.password_hash, password):
             return LoginOutcome(None, "wrong password")
         if not row.enabled:
             return LoginOutcome(None, "user disabled")
@@ -122,7 +131,13 @@ class DatabaseUserManager(aioftp.AbstractUserManager):
             user = self._user_for(row)
         except ValueError as exc:
             return LoginOutcome(None, f"unusable storage: {exc}")
-        rehash = await self.passwords.hash(password) if self.passwords.needs_rehash(row.password_hash) else None
+        rehash = None
+        if not remembered:
+            # A remembered login was verified against this same hash, which was rehashed then if it needed to be.
+            if self.passwords.needs_rehash(row.password_hash):
+                rehash = await self.passwords.hash(password)
+            if cache is not None:
+                cache.remember(name, password, row, rehash)
         return LoginOutcome(user, new_password_hash=rehash)
 
     def _user_for(self, row: UserRow) -> GatewayUser:
