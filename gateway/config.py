@@ -119,6 +119,9 @@ class LoginSettings(_Section):
     password_cache_ttl: Annotated[float, Field(gt=0, le=86400)] = 300.0
     # Logins remembered at most; the least recently used go first.
     password_cache_size: Annotated[int, Field(ge=1)] = 10000
+    # A login writes the user's last-login time only when the stored one is older than this many seconds: under a
+    # login storm that spares a database write per login. 0: every login writes it.
+    last_login_resolution: Annotated[float, Field(ge=0, le=86400)] = 60.0
 
 
 class LogSettings(_Section):

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import ftplib
 import gc
+from pathlib import Path
 
 import argon2
 import pytest
 
+from gateway.users.passwords import Passwords
 from gateway.users.store import UserChanges
 from tests.clients import FtplibClient, ftp_login
-from tests.helpers import GatewayThread
+from tests.helpers import GatewayThread, gateway_settings, running
 
 
 def login(gateway: GatewayThread, name: str, password: str) -> FtplibClient:
@@ -151,3 +153,31 @@ def test_change_applies_at_next_login(db_gateway: GatewayThread) -> None:
     assert second.retr("before.txt") == b"1"
     first.quit()
     second.quit()
+
+
+@pytest.mark.parametrize("resolution", [3600, 0])
+def test_last_login_is_stamped_once_per_resolution(tmp_path: Path, database_url: str, resolution: int) -> None:
+    """A login writes last_login_at only when the stored one is older than login.last_login_resolution."""
+    with running(gateway_settings(tmp_path, database_url, login={"last_login_resolution": resolution})) as gateway:
+        assert gateway.server is not None
+        store = gateway.server.user_manager.store
+        gateway.add_user("alice", "a")
+        stamps = []
+        for _ in range(2):
+            login(gateway, "alice", "a").quit()
+            stamps.append(gateway.call(lambda: store.info("alice")).last_login_at)
+        assert stamps[0] is not None and stamps[1] is not None
+        assert (stamps[1] > stamps[0]) is (resolution == 0)
+
+
+def test_a_rehash_does_not_overwrite_a_password_changed_meanwhile(db_gateway: GatewayThread) -> None:
+    assert db_gateway.server is not None
+    store = db_gateway.server.user_manager.store
+    db_gateway.add_user("alice", "old")
+    row = db_gateway.call(lambda: store.get("alice"))
+    assert row is not None
+    change(db_gateway, "alice", password_hash=Passwords().hash_now("new"))
+    # The login that read revision 1 rehashes "old" and writes it after the change: the change wins.
+    db_gateway.call(lambda: store.record_login(row.id, row.revision, Passwords().hash_now("old")))
+    refused(db_gateway, "alice", "old")
+    login(db_gateway, "alice", "new").quit()

@@ -65,7 +65,7 @@ class LoginCommands(CommandBase):
             return True
         self._begin_session(connection, session, user)
         connection.current_directory = await self._home(connection, session, user)
-        await self.user_manager.record_login(user, outcome.new_password_hash)
+        await self.user_manager.record_login(user, outcome)
         session_context.set(session.describe())
         logger.info("logged in")
         connection.response("230", "Login successful.")

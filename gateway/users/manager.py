@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import PurePosixPath
 
 import aioftp
@@ -74,6 +75,8 @@ class LoginOutcome:
     # Why a login was refused, for the log only: the client always hears the same "Login incorrect".
     reason: str = ""
     new_password_hash: str | None = None
+    # The user's last login as the database had it before this one.
+    last_login_at: datetime | None = None
 
 
 class DatabaseUserManager(aioftp.AbstractUserManager):
@@ -138,7 +141,7 @@ class DatabaseUserManager(aioftp.AbstractUserManager):
                 rehash = await self.passwords.hash(password)
             if cache is not None:
                 cache.remember(name, password, row, rehash)
-        return LoginOutcome(user, new_password_hash=rehash)
+        return LoginOutcome(user, new_password_hash=rehash, last_login_at=row.last_login_at)
 
     def _user_for(self, row: UserRow) -> GatewayUser:
         cached = self._active.get(row.name)
@@ -170,10 +173,15 @@ class DatabaseUserManager(aioftp.AbstractUserManager):
     def sessions(self, name: str) -> int:
         return self._sessions.get(name, 0)
 
-    async def record_login(self, user: GatewayUser, new_password_hash: str | None) -> None:
-        """Stamp the login time; a failure is logged and does not undo the login."""
+    async def record_login(self, user: GatewayUser, outcome: LoginOutcome) -> None:
+        """Stamp the login time, unless the stored one is recent (``login.last_login_resolution``), and write a
+        rehashed password; a failure is logged and does not undo the login."""
+        resolution = timedelta(seconds=self.settings.login.last_login_resolution)
+        last = outcome.last_login_at
+        if outcome.new_password_hash is None and last is not None and datetime.now(UTC) - last < resolution:
+            return
         try:
             async with asyncio.timeout(self.settings.database.timeout):
-                await self.store.record_login(user.user_id, new_password_hash)
+                await self.store.record_login(user.user_id, user.revision, outcome.new_password_hash)
         except Exception as exc:
             logger.warning("could not record the login of %s: %s", user.login, describe_error(exc))

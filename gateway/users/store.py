@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.orm import joinedload
 
 from gateway.users.models import PermissionRow, UserRow
 from pathio_backends.uri import check_uri
@@ -200,9 +201,10 @@ class UserStore:
             return UserInfo.from_row(row)
 
     async def get(self, name: str) -> UserRow | None:
+        """The user with its permissions, in one query (every login runs it)."""
         async with self._sessions() as session:
-            result = await session.execute(select(UserRow).where(UserRow.name == name))
-            return result.scalar_one_or_none()
+            query = select(UserRow).options(joinedload(UserRow.permissions)).where(UserRow.name == name)
+            return (await session.execute(query)).unique().scalar_one_or_none()
 
     async def info(self, name: str) -> UserInfo:
         row = await self.get(name)
@@ -271,11 +273,15 @@ class UserStore:
             await session.delete(row)
             await session.commit()
 
-    async def record_login(self, user_id: int, new_password_hash: str | None = None) -> None:
-        """Stamp the last login; a hash made with newer parameters replaces the old one at the same time."""
-        values: dict[str, Any] = {"last_login_at": _now()}
-        if new_password_hash is not None:
-            values["password_hash"] = new_password_hash
+    async def record_login(self, user_id: int, revision: int, new_password_hash: str | None = None) -> None:
+        """Stamp the last login. A hash made with newer parameters replaces the old one at the same time, unless the
+        user has changed since its login read it (revision): a ``user passwd`` in between must win."""
         async with self._sessions() as session:
-            await session.execute(update(UserRow).where(UserRow.id == user_id).values(**values))
+            await session.execute(update(UserRow).where(UserRow.id == user_id).values(last_login_at=_now()))
+            if new_password_hash is not None:
+                await session.execute(
+                    update(UserRow)
+                    .where(UserRow.id == user_id, UserRow.revision == revision)
+                    .values(password_hash=new_password_hash)
+                )
             await session.commit()
