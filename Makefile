@@ -5,10 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help run serve test lint format bench bench-s3 clean
+.PHONY: help run serve test lint format bench bench-s3 bench-logins clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit("ftp-gateway needs Python 3.11 or newer, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
@@ -40,6 +40,9 @@ bench: $(STAMP) ## local disk: curl through the gateway vs vsftpd (if installed)
 
 bench-s3: $(STAMP) ## S3 (moto): curl through the gateway vs aiobotocore direct, 256 MiB; peak RSS of a 1 GiB upload
 	$(BIN)/python bench/s3.py
+
+bench-logins: $(STAMP) ## logins per second and the gateway's CPU per login; RSS left by 50 simultaneous logins
+	$(BIN)/python bench/logins.py
 
 clean: ## remove the virtualenv and caches (not ./ftp-gateway.db or ./ftp-data)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

@@ -81,6 +81,12 @@ def start_gateway(work: Path, url: str, env: dict[str, str]) -> tuple[subprocess
     return process, int(line.strip().rsplit(":", 1)[1])
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def login_once(port: int, name: str, password: str = PASSWORD) -> None:
     ftp = ftplib.FTP()
     ftp.connect("127.0.0.1", port, timeout=30)
@@ -140,25 +146,35 @@ def main() -> int:
             print(f"        (peak {peak / 1024:.1f} MiB, {(after - idle) / 1024:+.1f} MiB left behind)")
 
             login_once(port, names[0])  # warm: the user's directory exists, the connection pool is open
-            began = time.perf_counter()
+            began, cpu = time.perf_counter(), cpu_seconds(process.pid)
             for _ in range(args.logins):
                 login_once(port, names[0])
-            seconds = time.perf_counter() - began
-            print(f"sequential: {args.logins} logins in {seconds:.2f} s = {args.logins / seconds:.0f} logins/s")
+            seconds, cpu = time.perf_counter() - began, cpu_seconds(process.pid) - cpu
+            print(
+                f"sequential: {args.logins} logins in {seconds:.2f} s = {args.logins / seconds:.0f} logins/s"
+                f" (gateway CPU {cpu / args.logins * 1000:.1f} ms per login)"
+            )
 
             each = args.logins // args.storm
+            total, cpu = each * args.storm, cpu_seconds(process.pid)
             seconds = in_threads(args.storm, lambda i: [login_once(port, names[0]) for _ in range(each)] and None)
-            total = each * args.storm
-            print(f"storm: {args.storm} clients x {each} logins in {seconds:.2f} s = {total / seconds:.0f} logins/s")
+            cpu = cpu_seconds(process.pid) - cpu
+            print(
+                f"storm: {args.storm} clients x {each} logins in {seconds:.2f} s = {total / seconds:.0f} logins/s"
+                f" (gateway CPU {cpu / total * 1000:.1f} ms per login)"
+            )
 
-            began = time.perf_counter()
+            began, cpu = time.perf_counter(), cpu_seconds(process.pid)
             for _ in range(20):
                 try:
                     login_once(port, names[0], "wrong")
                 except ftplib.error_perm:
                     pass
-            seconds = time.perf_counter() - began
-            print(f"wrong: 20 wrong passwords in {seconds:.2f} s = {20 / seconds:.0f} /s")
+            seconds, cpu = time.perf_counter() - began, cpu_seconds(process.pid) - cpu
+            print(
+                f"wrong: 20 wrong passwords in {seconds:.2f} s = {20 / seconds:.0f} /s"
+                f" (gateway CPU {cpu / 20 * 1000:.1f} ms each)"
+            )
             print(f"memory at the end: RSS {vm_kib(process.pid, 'VmRSS') / 1024:.1f} MiB")
         finally:
             process.terminate()
