@@ -181,3 +181,19 @@ def test_a_rehash_does_not_overwrite_a_password_changed_meanwhile(db_gateway: Ga
     db_gateway.call(lambda: store.record_login(row.id, row.revision, Passwords().hash_now("old")))
     refused(db_gateway, "alice", "old")
     login(db_gateway, "alice", "new").quit()
+
+
+def test_a_user_added_again_under_the_same_name_gets_its_own_settings(db_gateway: GatewayThread) -> None:
+    """While the deleted user still has a session, its successor (on SQLite with the same id, also at revision 1)
+    must not get the old user's object: its permissions, storage and limits."""
+    assert db_gateway.server is not None
+    store = db_gateway.server.user_manager.store
+    db_gateway.add_user("alice", "a")
+    first = login(db_gateway, "alice", "a")
+    db_gateway.call(lambda: store.delete("alice"))
+    db_gateway.add_user("alice", "a", read_only=True)
+    second = login(db_gateway, "alice", "a")
+    with pytest.raises(ftplib.error_perm):
+        second.stor("after.txt", b"2")
+    first.quit()
+    second.quit()

@@ -65,6 +65,9 @@ class GatewayUser(aioftp.User):
         )
         self.user_id = row.id
         self.revision = row.revision
+        # With id and revision, what tells a user from one deleted before it: SQLite gives a user added after a
+        # delete the old row's id (when it was the highest), and revisions start at 1 again.
+        self.created_at = row.created_at
         self.storage = storage
         self.create_root = create_root
 
@@ -145,7 +148,12 @@ class DatabaseUserManager(aioftp.AbstractUserManager):
 
     def _user_for(self, row: UserRow) -> GatewayUser:
         cached = self._active.get(row.name)
-        if cached is not None and cached.revision == row.revision and cached.user_id == row.id:
+        if (
+            cached is not None
+            and cached.revision == row.revision
+            and cached.user_id == row.id
+            and cached.created_at == row.created_at
+        ):
             return cached
         default = self.settings.storage.default_uri
         uri = row.storage_uri or default.replace("{username}", row.name)
