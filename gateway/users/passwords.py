@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import logging
 import os
 import platform
 from concurrent.futures import ThreadPoolExecutor
 
 from argon2 import PasswordHasher, Type
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-
-logger = logging.getLogger(__name__)
 
 TIME_COST = 2
 MEMORY_COST_KIB = 19 * 1024
