@@ -68,6 +68,21 @@ class DataChannel:
     """One session's data channel: the passive listener or the active address set by PASV, EPSV, PORT or EPRT,
     and the connection made for the next transfer."""
 
+    # Every session has one, idle ones too: no per-object __dict__.
+    __slots__ = (
+        "_ports",
+        "client_ip",
+        "server_host",
+        "_connect_timeout",
+        "_socket_timeout",
+        "epsv_all",
+        "mode",
+        "_port",
+        "_listener",
+        "_accepted",
+        "_active",
+    )
+
     def __init__(
         self,
         ports: PassivePorts,

@@ -23,7 +23,7 @@ MLST_FACTS = ("type", "size", "modify", "perm")
 DEFAULT_HASH = "SHA-256"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class SessionState:
     client_host: str
     client_port: int

@@ -92,12 +92,9 @@ class LoginCommands(CommandBase):
         if throttle is None:
             throttle = StreamThrottle.from_limits(user.read_speed_limit, user.write_speed_limit)
             self.user_throttles[user] = throttle
-        connection.command_connection.throttles.update(
-            user_global=throttle,
-            user_per_connection=StreamThrottle.from_limits(
-                user.read_speed_limit_per_connection, user.write_speed_limit_per_connection
-            ),
-        )
+        # A user's limits are over all its sessions (it has no per-connection ones, which would cost every
+        # session a throttle of its own, idle ones too).
+        connection.command_connection.throttles["user_global"] = throttle
 
     async def _home(self, connection: aioftp.Connection, session: SessionState, user: GatewayUser) -> PurePosixPath:
         root = PurePosixPath("/")
