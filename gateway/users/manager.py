@@ -25,10 +25,9 @@ import aioftp
 
 from gateway.config import Settings
 from gateway.users.db import describe_error
-from gateway.users.models import UserRow
 from gateway.users.password_cache import PasswordCache
 from gateway.users.passwords import Passwords
-from gateway.users.store import UserStore
+from gateway.users.store import UserRecord, UserStore
 from pathio_backends import BackendResources, StorageFactory, path_io_factory
 
 logger = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ class PendingLogin(aioftp.User):
 class GatewayUser(aioftp.User):
     """A logged-in user: aioftp's ``User`` plus its storage and where it came from in the database."""
 
-    def __init__(self, row: UserRow, storage: StorageFactory, *, create_root: bool) -> None:
+    def __init__(self, row: UserRecord, storage: StorageFactory, *, create_root: bool) -> None:
         permissions = [aioftp.Permission(p.path, readable=p.readable, writable=p.writable) for p in row.permissions]
         if not any(p.path == PurePosixPath("/") for p in permissions):
             # aioftp grants read+write where no entry matches; a missing "/" row must not mean that.
@@ -146,7 +145,7 @@ class DatabaseUserManager(aioftp.AbstractUserManager):
                 cache.remember(name, password, row, rehash)
         return LoginOutcome(user, new_password_hash=rehash, last_login_at=row.last_login_at)
 
-    def _user_for(self, row: UserRow) -> GatewayUser:
+    def _user_for(self, row: UserRecord) -> GatewayUser:
         cached = self._active.get(row.name)
         if (
             cached is not None

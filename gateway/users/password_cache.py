@@ -28,7 +28,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from gateway.users.models import UserRow
+from gateway.users.store import UserRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +56,7 @@ class PasswordCache:
         )
         return hmac.digest(self._key, message, "sha256")
 
-    def check(self, name: str, password: str, row: UserRow) -> bool:
+    def check(self, name: str, password: str, row: UserRecord) -> bool:
         """True if ``password`` was verified for this very row (same id, revision and hash) less than ``ttl`` ago."""
         key = self._tag("login", name, password)
         entry = self._entries.get(key)
@@ -73,7 +73,7 @@ class PasswordCache:
         self._entries.move_to_end(key)
         return True
 
-    def remember(self, name: str, password: str, row: UserRow, password_hash: str | None = None) -> None:
+    def remember(self, name: str, password: str, row: UserRecord, password_hash: str | None = None) -> None:
         """Remember that ``password`` is right for ``row``, whose hash is or is about to be ``password_hash``
         (a rehash with newer parameters, written with the login's stamp)."""
         key = self._tag("login", name, password)
