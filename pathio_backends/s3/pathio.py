@@ -4,7 +4,8 @@ Directories over flat keys: a directory exists where a zero-byte marker ``dir/``
 with ``dir/``; the user's root always exists. MKD writes the marker and RMD removes it (only from an empty
 directory). A name can be a file and a directory at once (written by other tools): it counts as a file.
 
-Uploads (``upload.py``): nothing is visible until the upload commits. APPE and REST+STOR keep the old bytes up
+Downloads (``download.py``): ranged GetObjects read ahead, several at once, delivered in order. Uploads
+(``upload.py``): nothing is visible until the upload commits. APPE and REST+STOR keep the old bytes up
 to the offset with UploadPartCopy (``copy.copy_head``), or by re-uploading a head under 5 MiB (S3's smallest
 part). Listings are in ``listing.py``, copies and renames in ``copy.py``, the client and error table in
 ``client.py`` and ``errors.py``.
@@ -41,36 +42,11 @@ from pathio_backends.s3.client import (
     metadata_sha256,
 )
 from pathio_backends.s3.copy import copy_head, copy_object, head_object, rename_prefix
-from pathio_backends.s3.errors import S3_ERRORS, translate
+from pathio_backends.s3.download import open_download
 from pathio_backends.s3.listing import S3Lister
 from pathio_backends.s3.upload import S3Upload, first_error
 from pathio_backends.tasks import with_timeout
 from pathio_backends.uri import S3Location
-
-
-class S3Download(Download):
-    """GetObject's body. aiohttp keeps receiving into its buffer while the caller sends what it has; a read
-    returns what has arrived (up to ``size``) rather than waiting to fill a block, which only costs a copy."""
-
-    def __init__(self, body: Any, key: str, offset: int) -> None:
-        super().__init__(offset)
-        self.body = body
-        self.key = key
-
-    async def _read(self, size: int) -> bytes:
-        if self.body is None:
-            return b""
-        try:
-            data: bytes = await self.body.read(size if size > 0 else None)
-        except S3_ERRORS as exc:
-            raise translate(exc, "GetObject body", self.key) from exc
-        return data
-
-    async def _close(self) -> None:
-        if self.body is not None:
-            # Closes the connection rather than returning it to the pool with an unread body (ABOR).
-            self.body.close()
-            self.body = None
 
 
 class S3PathIO(TransactionalPathIO):
@@ -253,9 +229,8 @@ class S3PathIO(TransactionalPathIO):
         """Read the object through the hash (bounded memory); with ``head``, only while it is at that ETag."""
         key = self._key(path)
         hasher = DIGESTS[algorithm]()
-        arguments = {"IfMatch": str(head["ETag"])} if head is not None else {}
-        response = await self.ctx.call("get_object", Key=key, **arguments)
-        download = S3Download(response["Body"], key, 0)
+        etag = str(head["ETag"]) if head is not None else None
+        download = await open_download(self.ctx, key, 0, etag=etag, ranged=False)
         try:
             await hash_stream(download.read, hasher)
         finally:
@@ -319,18 +294,12 @@ class S3PathIO(TransactionalPathIO):
 
     async def _begin_download(self, path: Path, *, offset: int) -> Download:
         key = self._key(path)
-        arguments: dict[str, Any] = {"Key": key}
-        if offset:
-            arguments["Range"] = f"bytes={offset}-"
         try:
-            response = await self.ctx.call("get_object", **arguments)
-        except OSError as exc:
-            if offset and exc.errno == errno.EINVAL:
-                return S3Download(None, key, offset)  # REST at the very end: nothing left to send
-            if isinstance(exc, FileNotFoundError) and await self._is_dir(path):
+            return await open_download(self.ctx, key, offset)
+        except FileNotFoundError as exc:
+            if await self._is_dir(path):
                 raise IsADirectoryError(errno.EISDIR, "is a directory", str(path)) from exc
             raise
-        return S3Download(response["Body"], key, offset)
 
 
 class S3Storage(StorageFactory):

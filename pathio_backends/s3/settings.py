@@ -6,7 +6,8 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-MiB = 1024 * 1024
+KiB = 1024
+MiB = 1024 * KiB
 Seconds = Annotated[float, Field(gt=0)]
 
 
@@ -30,6 +31,9 @@ class S3Settings(BaseModel):
     # Uploads: parts of this size (grows for very long uploads), this many sent at once.
     part_size: Annotated[int, Field(ge=5 * MiB, le=5 * 1024 * MiB)] = 8 * MiB
     parts_in_flight: Annotated[int, Field(ge=1, le=64)] = 4
+    # Downloads: ranged GetObjects of this size, this many in flight (1: one GetObject streamed, no read-ahead).
+    download_range_size: Annotated[int, Field(ge=64 * KiB, le=1024 * MiB)] = 8 * MiB
+    download_ranges_in_flight: Annotated[int, Field(ge=1, le=64)] = 4
     # Objects copied at once when a directory is renamed.
     copy_concurrency: Annotated[int, Field(ge=1, le=256)] = 16
     max_pool_connections: Annotated[int, Field(ge=1, le=1024)] = 64
