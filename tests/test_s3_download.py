@@ -285,3 +285,28 @@ def test_download_settings_are_bounded() -> None:
     for wrong in ({"download_range_size": RANGE - 1}, {"download_ranges_in_flight": 0}):
         with pytest.raises(ValidationError):
             S3Settings(**wrong)  # type: ignore[arg-type]
+
+
+def test_a_store_that_ignores_ranges_gets_a_stream_or_an_error_never_other_bytes(
+    gateway: GatewayThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP lets a server answer a range with the whole object (200): from 0 that is the file, streamed;
+    from a REST offset it is not, and the transfer fails instead of sending the wrong bytes."""
+    from pathio_backends.s3.client import S3Context
+
+    real_call = S3Context.call
+
+    async def call(self: S3Context, operation: str, **kwargs: Any) -> dict[str, Any]:
+        if operation == "get_object":
+            kwargs.pop("Range", None)
+        return await real_call(self, operation, **kwargs)
+
+    monkeypatch.setattr(S3Context, "call", call)
+    data = random_bytes(3 * SPAN, seed=9)
+    gateway.files.put("alice", "doc.bin", data)
+    client = ftp_login(gateway.host, gateway.port, "alice")
+    assert sha256(retr(client, "doc.bin")) == sha256(data)
+    assert_refused("451", lambda: retr(client, "doc.bin", rest=RANGE + 1))
+    assert client.ftp.sendcmd("NOOP").startswith("200")
+    assert range_tasks(gateway) == []
+    client.quit()

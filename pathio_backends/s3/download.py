@@ -11,6 +11,8 @@ The first range is requested when the download opens (before the 150, so a missi
 answer carries the object's size (``Content-Range``) and ETag. An object within one range costs that single
 GetObject and nothing else (no HEAD). Every further range is asked with ``If-Match`` on that ETag, so an object
 replaced mid-download fails the transfer (PreconditionFailed: 451) instead of mixing the bytes of two versions.
+A store that answers a range with the whole object (HTTP allows it) is streamed from it when the download
+starts at 0, and refused (EIO) from a REST offset, rather than sending other bytes than asked for.
 
 Each range is a task owned by its :class:`RangeFetch`; :meth:`RangedDownload.close` (ABOR, a client gone, the
 end) cancels those still running and waits for them, and each closes its HTTP body on the way out, so an
@@ -64,22 +66,17 @@ async def open_download(
     if in_flight == 1:
         return StreamDownload(response["Body"], key, offset)
     try:
-        size = _object_size(response, offset, key)
+        match = CONTENT_RANGE.fullmatch(str(response.get("ContentRange", "")))
+        if match is None and offset == 0:
+            # The whole object (a store may answer a range with all of it, RFC 9110): streamed as it comes.
+            return StreamDownload(response["Body"], key, offset)
+        if match is None or int(match.group(1)) != offset:
+            raise OSError(errno.EIO, f"S3 GetObject: {arguments['Range']} answered with other bytes", key)
+        size = int(match.group(3))
         return RangedDownload(ctx, key, offset, size, str(response["ETag"]), response, in_flight, range_size)
     except BaseException:
         response["Body"].close()
         raise
-
-
-def _object_size(response: dict[str, Any], offset: int, key: str) -> int:
-    """The whole object's size, from the Content-Range of the answer to a range starting at ``offset``."""
-    match = CONTENT_RANGE.fullmatch(str(response.get("ContentRange", "")))
-    if match is None or int(match.group(1)) != offset:
-        # A store that ignored the Range header: its answer is not the bytes asked for.
-        raise OSError(
-            errno.EIO, f"S3 GetObject: Range bytes={offset}- answered with {response.get('ContentRange')}", key
-        )
-    return int(match.group(3))
 
 
 class StreamDownload(Download):
