@@ -38,7 +38,7 @@ format: $(STAMP) ## reformat and fix what ruff can
 bench: $(STAMP) ## local disk: curl through the gateway vs vsftpd (if installed), 256 MiB
 	$(BIN)/python bench/local_disk.py
 
-bench-s3: $(STAMP) ## S3 (moto): curl through the gateway vs aiobotocore direct, 256 MiB; peak RSS of a 1 GiB upload
+bench-s3: $(STAMP) ## S3 (moto): the gateway vs aiobotocore direct, 256 MiB, also through a 50 MB/s-per-connection proxy; peak RSS of 1 GiB up and down
 	$(BIN)/python bench/s3.py
 
 bench-logins: $(STAMP) ## logins per second and the gateway's CPU per login; RSS left by 50 simultaneous logins
