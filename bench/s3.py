@@ -251,7 +251,7 @@ def plain(args: argparse.Namespace, work: Path, source: Path, endpoint: str, gat
         if any(digest != expected for _, digest in hashes.values()):
             raise SystemExit(f"HASH gave a wrong digest: {hashes}")
 
-        # Peak memory of a fresh gateway while it uploads a large file, then while it sends it back.
+        # Peak memory of a fresh gateway while it uploads a large file, and of another while it sends it back.
         stop(gateway_process)
         gateway_process, url = start_gateway(gateway, database, env)
         port = int(url.rsplit(":", 1)[1].strip("/"))
@@ -267,6 +267,12 @@ def plain(args: argparse.Namespace, work: Path, source: Path, endpoint: str, gat
         Path(f"/proc/{pid}/clear_refs").write_text("5")
         up_seconds = curl("--upload-file", str(big), url + "big.bin")
         up_growth = (vm_kib(pid, "VmHWM") - before) / 1024
+        # The download in a fresh gateway too: the memory freed after the upload would hide its buffers.
+        stop(gateway_process)
+        gateway_process, url = start_gateway(gateway, database, env)
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        timed_retr(port, "small.bin")
+        pid = gateway_process.pid
         before = vm_kib(pid, "VmRSS")
         Path(f"/proc/{pid}/clear_refs").write_text("5")
         down_seconds = timed_retr(port, "big.bin")
