@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
 .DEFAULT_GOAL := help
-.PHONY: help run serve test lint format bench bench-s3 bench-logins clean
+.PHONY: help run serve test lint format bench bench-s3 bench-logins bench-small bench-load clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -15,6 +16,11 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test,lint]'
+	@touch $@
+
+# The peer of bench/load.py (pyftpdlib), kept out of the test and lint installs.
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
 	@touch $@
 
 run: $(STAMP) ## serve FTP on 127.0.0.1:2121 onto an S3 inside the process (moto), user demo; prints the login
@@ -43,6 +49,12 @@ bench-s3: $(STAMP) ## S3 (moto): the gateway vs aiobotocore direct, 256 MiB, als
 
 bench-logins: $(STAMP) ## logins per second and the gateway's CPU per login; RSS left by 50 simultaneous logins
 	$(BIN)/python bench/logins.py
+
+bench-small: $(STAMP) ## 2,500 small files: lftp mirror up and down via the gateway (disk, S3) and vsftpd; S3 requests/file
+	$(BIN)/python bench/small_files.py
+
+bench-load: $(BENCH_STAMP) ## 50 and 200 clients churning sessions, then 10,000 idle: gateway vs pyftpdlib
+	$(BIN)/python bench/load.py
 
 clean: ## remove the virtualenv and caches (not ./ftp-gateway.db or ./ftp-data)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
