@@ -4,6 +4,7 @@ as a subprocess through its own CLI."""
 from __future__ import annotations
 
 import os
+import re
 import resource
 import socket
 import subprocess
@@ -110,6 +111,9 @@ def passive_range(size: int, offset: int = 0) -> tuple[int, int]:
     return low, low + size - 1
 
 
+SESSION = re.compile(r"\[[^\]]*:\d+[^\]]*\]")  # the gateway's "[127.0.0.1:43234 user]": grouped as one message
+
+
 def log_problems(log: Path, limit: int = 8) -> tuple[int, list[tuple[int, str]]]:
     """(number of WARNING/ERROR/CRITICAL records, the ``limit`` most frequent ones as (count, text) without their
     time stamps) of a server's log: the gateway's format, or pyftpdlib's ("[E date time] ..."). Read line by
@@ -124,7 +128,7 @@ def log_problems(log: Path, limit: int = 8) -> tuple[int, list[tuple[int, str]]]
             else:
                 continue
             total += 1
-            messages[text[:300]] += 1
+            messages[SESSION.sub("[...]", text)[:300]] += 1
     return total, [(count, text) for text, count in messages.most_common(limit)]
 
 

@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,6 +226,13 @@ async def churn_clients(config: dict[str, Any]) -> dict[str, Any]:
 # -- idle ----------------------------------------------------------------------------------------------------
 
 
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def raise_nofile() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
@@ -261,9 +269,11 @@ async def fresh_clients(port: int, user: str, times: int) -> dict[str, Any]:
     for _ in range(times):
         step = Step()
         try:
-            results.append(await asyncio.wait_for(fresh_client(port, user, step), 120))
+            results.append(await asyncio.wait_for(fresh_client(port, user, step), LOGIN_TIMEOUT))
         except Exception as exc:
             errors.append(step.failure(exc))
+            if len(errors) == 2:
+                break
     if not results:
         return {"login": None, "list": None, "errors": errors}
     return {
@@ -337,6 +347,7 @@ async def idle_clients(config: dict[str, Any]) -> dict[str, Any]:
     result["noop"] = await noop_sample(sessions, 100)
     result["fresh_beside"] = await fresh_clients(port, users[0], 5)
     result["noop_all"] = await noop_sample(sessions, len(sessions))
+    result["alive_with_sessions"] = running(pid)
     for session in sessions:
         session.close()
     await asyncio.sleep(0.5)
@@ -460,7 +471,10 @@ def start_gateway_server(
 def run_internal(role: str, config: dict[str, Any]) -> dict[str, Any]:
     result = subprocess.run(internal(role, config), capture_output=True, check=False)
     if result.returncode != 0:
-        raise SystemExit(f"load generator {role} failed: {result.stderr.decode(errors='replace')[-3000:]}")
+        raise SystemExit(
+            f"load generator {role} failed (exit code {result.returncode}): "
+            f"{result.stderr.decode(errors='replace')[-3000:]} {result.stdout.decode(errors='replace')[-1000:]}"
+        )
     parsed: dict[str, Any] = json.loads(result.stdout)
     return parsed
 
@@ -684,7 +698,8 @@ def print_idle(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> 
             f"RSS at start {r['rss_start_kib'] / 1024:.1f} MiB, peak {r['hwm_kib'] / 1024:.1f} MiB; "
             f"server's open-files limit {r['server_nofile']}"
             + (f"; limits.max_connections {r['max_connections']}" if r["max_connections"] else "")
-            + ("" if r["alive"] else "; THE SERVER PROCESS HAD EXITED")
+            + ("" if r["alive_with_sessions"] else "; THE SERVER PROCESS HAD EXITED while the sessions were open")
+            + ("" if r["alive"] or not r["alive_with_sessions"] else "; the server exited once they were closed")
         )
         refused = sum(r["errors"].values())
         if refused:
@@ -732,6 +747,7 @@ def main() -> int:
         default=60,
         help="before each run, wait up to this many seconds for other work on the machine to stop (60; 0: never)",
     )
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (servers' logs, files)")
     parser.add_argument("--quick", action="store_true", help="churn C=20 for 3 s, idle 500 sessions")
     args = parser.parse_args()
     if args.quick:
@@ -739,15 +755,25 @@ def main() -> int:
     hard = raise_nofile()
     if args.server_nofile:  # the servers inherit it; the load generators raise theirs again
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(args.server_nofile, hard), hard))
-    if args.mode != "churn" and args.sessions + 200 > hard:
-        print(f"warning: RLIMIT_NOFILE hard limit {hard} is below {args.sessions} sessions + margin")
+    limit = min(args.server_nofile or hard, hard)
+    if args.mode != "churn" and args.sessions + 200 > limit:
+        print(
+            f"warning: the servers' RLIMIT_NOFILE ({limit}) is below {args.sessions} sessions + 200: expect them to "
+            "run out of file descriptors (and the gateway's log to grow fast: asyncio logs each failed accept())"
+        )
     args.users_list = [f"load{i}" for i in range(args.users)]
     print(f"argon2id verify with the gateway's parameters: {argon2_cpu_ms():.1f} ms CPU (in this process)", flush=True)
 
     churn: list[ChurnResult] = []
     idle: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="ftp-gateway-bench-load-") as tmp:
+    prefix = "ftp-gateway-bench-load-"
+    directory = (
+        nullcontext(tempfile.mkdtemp(prefix=prefix)) if args.keep else tempfile.TemporaryDirectory(prefix=prefix)
+    )
+    with directory as tmp:
         work = Path(tmp)
+        if args.keep:
+            print(f"work directory (kept): {work}", flush=True)
         env = {**os.environ, "FTP_GATEWAY_LOG__LEVEL": "warning"}
         setup = Setup(work, args.users_list, f"sqlite:///{work / 'users.db'}", env, args.gateway_max_connections)
         for user in setup.users:
