@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from common import free_port, vm_kib
+from common import start_gateway as common_start_gateway
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -51,34 +52,19 @@ async def add_users(url: str, names: list[str]) -> None:
 
 
 def start_gateway(work: Path, url: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
-    local = Path(sys.executable).with_name("ftp-gateway")
-    command = [str(local)] if local.exists() else [sys.executable, "-m", "gateway"]
+    """``ftp-gateway serve`` (common.start_gateway) with failed logins answered at once; its log in ``work``."""
+    env = {
+        **os.environ,
+        "FTP_GATEWAY_LOG__LEVEL": "error",
+        "FTP_GATEWAY_LIMITS__FAILED_LOGIN_DELAY": "0",
+        # One process: its CPU time and RSS are what /proc is read for (serve's default forks a worker per CPU).
+        "FTP_GATEWAY_WORKERS": "1",
+        **env,
+    }
     low = free_port() % 10000 + 20000
-    process = subprocess.Popen(
-        [
-            *command,
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--database",
-            url,
-            "--passive-ports",
-            f"{low}-{low + 49}",
-            "--storage",
-            f"file://{work / 'data'}/{{username}}",
-        ],
-        stdout=subprocess.PIPE,
-        env={
-            **os.environ,
-            "FTP_GATEWAY_LOG__LEVEL": "error",
-            "FTP_GATEWAY_LIMITS__FAILED_LOGIN_DELAY": "0",
-            **env,
-        },
+    return common_start_gateway(
+        url, env, work / "gateway.log", (low, low + 49), "--storage", f"file://{work / 'data'}/{{username}}"
     )
-    line = process.stdout.readline().decode() if process.stdout else ""
-    if not line.startswith("listening on ftp://"):
-        raise SystemExit(f"gateway did not start: {line!r}")
-    return process, int(line.strip().rsplit(":", 1)[1])
 
 
 def cpu_seconds(pid: int) -> float:

@@ -190,6 +190,8 @@ def gateway_env(endpoint: str) -> dict[str, str]:
         "FTP_GATEWAY_S3__SECRET_ACCESS_KEY": "bench",
         "FTP_GATEWAY_S3__REGION": "us-east-1",
         "FTP_GATEWAY_S3__ADDRESSING_STYLE": "path",
+        # One process: the peak RSS read from /proc is the serving process's own (not a worker's parent).
+        "FTP_GATEWAY_WORKERS": "1",
         "FTP_GATEWAY_S3__PART_SIZE": str(PART_SIZE),
         "FTP_GATEWAY_S3__PARTS_IN_FLIGHT": str(PARTS_IN_FLIGHT),
         "FTP_GATEWAY_TIMEOUTS__PATH": "300",

@@ -20,6 +20,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from gateway.runtime import EventLoopChoice
 from pathio_backends.s3.settings import S3Settings
 from pathio_backends.uri import check_uri
 
@@ -141,7 +142,7 @@ class Settings(BaseSettings):
     listen: str = "127.0.0.1:2121"
     welcome_message: str = "ftp-gateway ready"
     # The event loop: uvloop where it is installed ("auto"), else asyncio's own.
-    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    event_loop: EventLoopChoice = "auto"
     # Processes of ``serve`` sharing the control port (SO_REUSEPORT), each with a slice of the passive range;
     # 0: one per CPU.
     workers: Annotated[int, Field(ge=0, le=256)] = 0
