@@ -100,6 +100,8 @@ class TimeoutSettings(_Section):
     socket: Seconds = 60.0
     # Bound on each storage operation (stat, mkdir, rename, one block of a transfer ...).
     path: Seconds = 30.0
+    # On SIGTERM, running transfers may finish for this long; then what is left is aborted (nothing partial).
+    drain: Annotated[float, Field(ge=0, le=86400)] = 30.0
 
 
 class LimitSettings(_Section):
@@ -127,6 +129,45 @@ class LoginSettings(_Section):
 
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
+    # "json": one object per line (time, level, logger, session id, client IP, user, message); "text": for people;
+    # "auto": json when stderr is not a terminal.
+    format: Literal["auto", "json", "text"] = "auto"
+    # Audit events (login, upload, download, delete, rename, mkdir, rmdir), one JSON object per line: "stdout",
+    # a file path (appended to), or "off".
+    audit: str = "stdout"
+
+
+class AdminSettings(_Section):
+    # HOST:PORT of the admin HTTP endpoint (/healthz, /readyz, /metrics); port 0 picks a free one; "off": none.
+    listen: str = "127.0.0.1:9090"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        if value != "off":
+            parse_host_port(value)
+        return value
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ProxyProtocolSettings(_Section):
+    # Networks whose connections (control and passive) may start with a PROXY protocol v1/v2 header, as a load
+    # balancer sends it; the client address it carries then counts for every per-IP rule. Empty: off.
+    trusted: tuple[IPNetwork, ...] = ()
+    # A connection from a trusted network without the header is refused (else it counts as its own address).
+    required: bool = True
+
+
+class ClusterSettings(_Section):
+    # redis:// URL of the registry the replicas share (who handed out which passive port). None: one replica,
+    # registry in memory.
+    redis_url: str | None = None
+    # Address other replicas reach this one on (the pod IP); None: the control listener's host.
+    node_address: str | None = None
+    # Prefix of every Redis key, so several gateways (or tests) can share one Redis.
+    key_prefix: str = "ftp-gateway"
 
 
 class Settings(BaseSettings):
@@ -155,6 +196,9 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     login: LoginSettings = LoginSettings()
     log: LogSettings = LogSettings()
+    admin: AdminSettings = AdminSettings()
+    proxy_protocol: ProxyProtocolSettings = ProxyProtocolSettings()
+    cluster: ClusterSettings = ClusterSettings()
 
     @field_validator("listen")
     @classmethod

@@ -27,6 +27,7 @@ from gateway import runtime
 from gateway.config import Settings
 from gateway.datachannel import PassivePorts
 from gateway.errors import answer, transfer_errors, unwrap
+from gateway.metrics import Metrics
 from gateway.pump import TransferPump
 from gateway.session import SessionState
 from gateway.users.manager import DatabaseUserManager, GatewayUser
@@ -70,6 +71,10 @@ class CommandBase(aioftp.Server):
             welcome_message=settings.welcome_message,
         )
         self.settings = settings
+        # This server's Prometheus metrics (its own registry), served by the admin endpoint.
+        self.metrics = Metrics()
+        # Set on SIGTERM: new transfers get 421, /readyz answers 503, running transfers may finish.
+        self.draining = False
         # Control connections at once (the next one gets 421): the setting, or what the open-files limit allows.
         self.max_connections = max_connections
         self.user_manager: DatabaseUserManager = user_manager
