@@ -79,6 +79,16 @@ def non_negative_int(text: str) -> int:
     return int(text)
 
 
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"expected seconds from 0 to 86400, got {text!r}")
+    return value
+
+
 def listen_address(text: str) -> str:
     try:
         parse_host_port(text)
@@ -125,6 +135,12 @@ def build_parser() -> Parser:
     serve.add_argument("--storage", metavar="URI", help="storage of users without their own ({username} allowed)")
     serve.add_argument(
         "--workers", type=worker_number, metavar="N", help="processes sharing the control port (default: one per CPU)"
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        type=seconds,
+        metavar="SECONDS",
+        help="on SIGTERM, how long running transfers may finish before they are aborted (default: 30)",
     )
     serve.set_defaults(func=cmd_serve)
 
@@ -239,6 +255,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         overrides["passive"] = passive
     if args.command == "serve" and args.storage:
         overrides["storage"] = {"default_uri": args.storage}
+    if getattr(args, "drain_timeout", None) is not None:
+        overrides["timeouts"] = {"drain": args.drain_timeout}
     return load_settings(config, overrides)
 
 

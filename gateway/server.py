@@ -22,6 +22,7 @@ from gateway.commands.login import LoginCommands
 from gateway.commands.transfer import TransferCommands
 from gateway.config import Settings
 from gateway.datachannel import DataChannel
+from gateway.drain import REFUSED_WHILE_DRAINING, drain, refuse_transfer
 from gateway.errors import Handler, command_errors
 from gateway.log import session_context
 from gateway.session import SessionState
@@ -67,12 +68,15 @@ class GatewayServer(
         run in workers, outside the lock, so ABOR is not held up by them.
         """
         guarded = command_errors(verb, gate(verb, handler, self.session))
+        refused_while_draining = verb in REFUSED_WHILE_DRAINING
 
         @functools.wraps(handler)
         async def command(connection: aioftp.Connection, rest: str) -> bool:
             session = self.session(connection)
             session_context.set(session.describe())
             async with session.command_lock:
+                if refused_while_draining and self.draining:
+                    return refuse_transfer(connection, session)
                 return await guarded(connection, rest)
 
         return command
@@ -103,6 +107,8 @@ class GatewayServer(
         finally:
             del self.sessions[writer]
             data.release()
+            if self.draining and not self.sessions:
+                self.sessions_closed.set()
 
 
 def gate(verb: str, handler: Handler, session_of: Callable[[aioftp.Connection], SessionState]) -> Handler:
@@ -133,15 +139,19 @@ def format_address(host: str | None, port: int) -> str:
 async def serve_until_signalled(
     settings: Settings, ready: Callable[[GatewayServer], Awaitable[None]], *, reuse_port: bool = False
 ) -> None:
-    """Run the gateway until SIGINT or SIGTERM; ``ready`` runs once it listens (and announces it)."""
-    stop = asyncio.Event()
+    """Run the gateway until SIGINT or SIGTERM, then drain it (``gateway.drain``: a second signal cuts the drain
+    short); ``ready`` runs once it listens (and announces it). A signal this process ignores (a worker of
+    ``serve --workers``, whose parent passes SIGINT on as SIGTERM) stays ignored."""
+    signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            loop.add_signal_handler(signum, signalled.set)
     async with running_gateway(settings, reuse_port=reuse_port) as server:
         await ready(server)
-        await stop.wait()
-        logger.info("stopping")
+        await signalled.wait()
+        signalled.clear()
+        await drain(server, signalled)
 
 
 @asynccontextmanager

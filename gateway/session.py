@@ -42,6 +42,11 @@ class SessionState:
     restart_offset: int = 0
     hash_algorithm: str = DEFAULT_HASH
     mlst_facts: tuple[str, ...] = MLST_FACTS
+    # The deadline of the read waiting for the next command, while one waits: the drain moves it to now to wake
+    # the session (``ControlConnection.parse_command``) without a task per idle session.
+    read_deadline: asyncio.Timeout | None = None
+    # Draining: the session was handed its closing pseudo-command (``control.DRAIN``) and is waiting for it to run.
+    closing: bool = False
 
     @property
     def path_io(self) -> TransactionalPathIO:
@@ -59,6 +64,11 @@ class SessionState:
     def busy(self) -> bool:
         """A command or a transfer is running (so the session is not idle)."""
         return bool(self.transfers) or self.command_lock.locked()
+
+    def wake(self) -> None:
+        """Wake the read waiting for this session's next command (it then looks at the server's drain)."""
+        if self.read_deadline is not None and not self.read_deadline.expired():
+            self.read_deadline.reschedule(asyncio.get_running_loop().time())
 
     def take_restart_offset(self) -> int:
         offset, self.restart_offset = self.restart_offset, 0

@@ -5,8 +5,10 @@ The gateway is CPU-bound on small files (a Python process uses one core), so ``s
 * each binds the control port itself with ``SO_REUSEPORT``: the kernel spreads new connections over them;
 * each gets its own slice of the passive range, so a passive port is only ever listened on by the worker that
   holds the session it belongs to;
-* the parent only starts them, prints ``listening on`` once all listen, passes SIGTERM/SIGINT on, and stops all
-  of them (exit code 1) when one dies on its own, for the service manager or Kubernetes to restart.
+* the parent only starts them, prints ``listening on`` once all listen, passes SIGTERM/SIGINT on as SIGTERM (each
+  one: the first starts every worker's drain, a second cuts it short; the workers ignore SIGINT themselves), exits 0
+  once all of them have drained, and stops all of them (exit code 1) when one dies on its own, for the service
+  manager or Kubernetes to restart.
 
 What a worker keeps to itself (README, "Several worker processes"): a user's ``max_sessions`` and speed limits,
 the verified-password cache, and ``limits.max_connections`` (a set value is divided among the workers). The
@@ -127,6 +129,9 @@ def serve_workers(
                 try:
                     for signum, handler in previous.items():
                         signal.signal(signum, handler)
+                    # Ctrl-C reaches the whole process group: the parent passes it on (as SIGTERM), so a worker
+                    # must not count it as well, or the drain would take it for the second, aborting signal.
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)
                     reserved.close()
                     os.close(ready_read)
                     code = _worker(index, worker_settings(settings, port, passive, count), run_worker, ready_write)

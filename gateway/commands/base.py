@@ -75,6 +75,12 @@ class CommandBase(aioftp.Server):
         self.metrics = Metrics()
         # Set on SIGTERM: new transfers get 421, /readyz answers 503, running transfers may finish.
         self.draining = False
+        # Set when the drain's time is up (or at a second signal): a transfer cancelled now is told 426 and why.
+        self.aborting_transfers = False
+        # Transfers that ended (finished, failed or aborted) while the server drained; for the drain's last log line.
+        self.transfers_ended_draining = 0
+        # Set when the last session has ended while the server drains.
+        self.sessions_closed = asyncio.Event()
         # Control connections at once (the next one gets 421): the setting, or what the open-files limit allows.
         self.max_connections = max_connections
         self.user_manager: DatabaseUserManager = user_manager
@@ -132,7 +138,14 @@ class CommandBase(aioftp.Server):
                 connection.response("150", ready)
             finally:
                 answered.set()
-            await transfer_errors(connection, verb, run(opened))
+            try:
+                await transfer_errors(connection, verb, run(opened))
+            except asyncio.CancelledError:
+                if not self.aborting_transfers:
+                    raise  # ABOR or a dropped session: aioftp's 426 + 226
+                # The drain ran out of time: what ``run`` opened is already cleaned up (its ``finally``); the
+                # session gets its 421 next, so no "226 abort successful" that a client could take for a success.
+                connection.response("426", "Transfer aborted: server shutting down.")
 
         task = asyncio.ensure_future(worker(self, connection, verb))
 
@@ -140,6 +153,9 @@ class CommandBase(aioftp.Server):
             session.transfers.discard(task)
             session.data.release()
             answered.set()  # also when the task was cancelled before it started
+            if self.draining:
+                self.transfers_ended_draining += 1
+                session.wake()  # the session can now be closed (``ControlConnection.parse_command``)
 
         task.add_done_callback(ended)
         session.transfers.add(task)

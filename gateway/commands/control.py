@@ -24,6 +24,8 @@ EOF = " eof"
 IDLE = " idle"
 LINE_TOO_LONG = " line-too-long"
 NOT_UTF8 = " not-utf8"
+# The server drains (SIGTERM) and this session has no transfer running: it gets 421 and is closed.
+DRAIN = " drain"
 
 
 class ControlConnection(CommandBase):
@@ -32,27 +34,41 @@ class ControlConnection(CommandBase):
         IDLE: "control_idle",
         LINE_TOO_LONG: "line_too_long",
         NOT_UTF8: "not_utf8",
+        DRAIN: "control_draining",
     }
 
     async def parse_command(self, stream: aioftp.StreamIO, censor_commands: tuple[str] = ("pass",)) -> tuple[str, str]:
-        """Read one command. A session with a transfer or a command running (HASH of a large file) is not idle."""
+        """Read one command. A session with a transfer or a command running (HASH of a large file) is not idle.
+
+        While the server drains, a session without a running transfer gets :data:`DRAIN` instead (once): the drain
+        wakes the read by moving its deadline to now (``SessionState.wake``), so an idle session needs no task of
+        its own to be told.
+        """
+        session = self.sessions.get(stream.writer)
         line = b""
         while True:
+            if self.draining and session is not None and not session.transfers and not session.closing:
+                session.closing = True
+                return DRAIN, ""
             try:
                 # The StreamReader itself under asyncio.timeout: aioftp's ``readline`` adds a throttle (none applies
                 # to commands) and a ``wait_for``, which on Python 3.11 is one more task per line, alive all the
                 # time a session is idle.
-                async with asyncio.timeout(stream.read_timeout):
+                async with asyncio.timeout(stream.read_timeout) as deadline:
+                    if session is not None:
+                        session.read_deadline = deadline
                     line = await stream.reader.readline()
             except TimeoutError:
-                session = self.sessions.get(stream.writer)
-                if session is not None and session.busy:
+                if self.draining or (session is not None and session.busy):
                     continue
                 return IDLE, ""
             except ValueError:
                 return LINE_TOO_LONG, ""
             except OSError:
                 return EOF, ""
+            finally:
+                if session is not None:
+                    session.read_deadline = None
             break
         if not line:
             return EOF, ""
@@ -95,6 +111,17 @@ class ControlConnection(CommandBase):
 
     async def control_idle(self, connection: aioftp.Connection, rest: str) -> bool:
         connection.response("421", f"Idle for {self.idle_timeout:g} seconds; closing control connection.")
+        return False
+
+    async def control_draining(self, connection: aioftp.Connection, rest: str) -> bool:
+        """421 and close, once what the session was doing is done (this runs after the commands before it). A
+        transfer started by a command that was already running when the drain began keeps the session open; its
+        end wakes the session again."""
+        session = self.session(connection)
+        if session.transfers:
+            session.closing = False
+            return True
+        connection.response("421", "Server shutting down; closing control connection.")
         return False
 
     async def line_too_long(self, connection: aioftp.Connection, rest: str) -> bool:
