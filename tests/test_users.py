@@ -197,3 +197,27 @@ def test_a_user_added_again_under_the_same_name_gets_its_own_settings(db_gateway
         second.stor("after.txt", b"2")
     first.quit()
     second.quit()
+
+
+def test_first_login_creates_a_missing_own_directory(local_gateway: GatewayThread, tmp_path: Path) -> None:
+    """``user add --storage file:///...`` naming a directory that does not exist yet: the first login makes it (as
+    for the default storage) and the user can upload there; a symlink inside still cannot lead out of it."""
+    own = tmp_path / "own" / "dora"
+    local_gateway.add_user("dora", storage_uri=f"file://{own}")
+    assert not own.exists()
+    dora = login(local_gateway, "dora", "secret")
+    dora.stor("first.txt", b"made at first login")
+    (own / "escape").symlink_to(tmp_path)
+    assert set(dora.list()) == {"first.txt"}
+    dora.quit()
+    assert (own / "first.txt").read_bytes() == b"made at first login"
+
+
+def test_own_directory_that_cannot_be_made_refuses_only_that_login(
+    local_gateway: GatewayThread, tmp_path: Path
+) -> None:
+    (tmp_path / "a-file").write_bytes(b"")
+    local_gateway.add_user("erin", storage_uri=f"file://{tmp_path / 'a-file' / 'erin'}")
+    assert refused(local_gateway, "erin", "secret") == "530 Login refused: storage unavailable."
+    local_gateway.add_user("fred")
+    login(local_gateway, "fred", "secret").quit()

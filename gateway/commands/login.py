@@ -52,7 +52,9 @@ class LoginCommands(CommandBase):
             return await self._login_failed(connection, session)
         user = outcome.user
         try:
-            await user.storage.prepare(create=user.create_root)
+            # A local directory that does not exist yet is made now, for a user's own storage (``user add --storage``)
+            # as for the default one; ``user add`` warns when it could not be (``pathio_backends.probe``).
+            await user.storage.prepare(create=True)
         except Exception as exc:
             logger.error("login of %r refused: storage %s unavailable: %r", name, user.storage.uri, exc)
             session.login_name = None

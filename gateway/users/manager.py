@@ -47,7 +47,7 @@ class PendingLogin(aioftp.User):
 class GatewayUser(aioftp.User):
     """A logged-in user: aioftp's ``User`` plus its storage and where it came from in the database."""
 
-    def __init__(self, row: UserRecord, storage: StorageFactory, *, create_root: bool) -> None:
+    def __init__(self, row: UserRecord, storage: StorageFactory) -> None:
         permissions = [aioftp.Permission(p.path, readable=p.readable, writable=p.writable) for p in row.permissions]
         if not any(p.path == PurePosixPath("/") for p in permissions):
             # aioftp grants read+write where no entry matches; a missing "/" row must not mean that.
@@ -68,7 +68,6 @@ class GatewayUser(aioftp.User):
         # delete the old row's id (when it was the highest), and revisions start at 1 again.
         self.created_at = row.created_at
         self.storage = storage
-        self.create_root = create_root
 
 
 @dataclass(frozen=True)
@@ -157,7 +156,7 @@ class DatabaseUserManager(aioftp.AbstractUserManager):
         default = self.settings.storage.default_uri
         uri = row.storage_uri or default.replace("{username}", row.name)
         storage = path_io_factory(uri, self.resources)
-        return GatewayUser(row, storage, create_root=row.storage_uri is None)
+        return GatewayUser(row, storage)
 
     def acquire(self, user: GatewayUser) -> bool:
         """Take one of the user's session slots; False when ``max_sessions`` are already in use."""
