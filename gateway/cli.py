@@ -152,6 +152,12 @@ def build_parser() -> Parser:
     dev.add_argument("--password-stdin", action="store_true", help="demo's password from stdin (default: generated)")
     dev.set_defaults(func=cmd_dev)
 
+    check = commands.add_parser(
+        "check", parents=[common], help="check the config, the database and every storage; exit 1 if one fails"
+    )
+    check.add_argument("--storage", metavar="URI", help="storage of users without their own ({username} allowed)")
+    check.set_defaults(func=cmd_check)
+
     db = commands.add_parser("db", help="user database schema").add_subparsers(
         dest="db_command", required=True, metavar="COMMAND", parser_class=Parser
     )
@@ -238,9 +244,13 @@ def worker_number(text: str) -> int:
     return int(text)
 
 
+def config_file(args: argparse.Namespace) -> Path | None:
+    return args.config or (Path(os.environ["FTP_GATEWAY_CONFIG"]) if os.environ.get("FTP_GATEWAY_CONFIG") else None)
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     """The config file < ``FTP_GATEWAY_*`` < the flags given on this command line."""
-    config = args.config or (Path(os.environ["FTP_GATEWAY_CONFIG"]) if os.environ.get("FTP_GATEWAY_CONFIG") else None)
+    config = config_file(args)
     overrides: dict[str, Any] = {}
     if args.database:
         overrides["database"] = {"url": args.database}
@@ -253,7 +263,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         passive["masquerade_address"] = args.masquerade_address
     if passive:
         overrides["passive"] = passive
-    if args.command == "serve" and args.storage:
+    if args.command in ("serve", "check") and args.storage:
         overrides["storage"] = {"default_uri": args.storage}
     if getattr(args, "drain_timeout", None) is not None:
         overrides["timeouts"] = {"drain": args.drain_timeout}
@@ -353,6 +363,7 @@ def cmd_user_add(settings: Settings, args: argparse.Namespace) -> int:
         ),
     )
     print(f"user {info.name} added")
+    warn_if_storage_unusable(settings, args.storage)
     return 0
 
 
@@ -423,7 +434,24 @@ def cmd_user_set(settings: Settings, args: argparse.Namespace) -> int:
         raise CliError("nothing to change: give at least one option (see 'ftp-gateway user set --help')")
     info = run_with_store(settings, lambda store: store.change(args.name, changes))
     print("\n".join(_describe(info)))
+    warn_if_storage_unusable(settings, args.storage)
     return 0
+
+
+def warn_if_storage_unusable(settings: Settings, uri: str | None) -> None:
+    """One line on stderr when a user's new storage cannot be used from here (``check.storage_warning``)."""
+    from gateway.check import storage_warning
+
+    warning = runtime.run(storage_warning(settings, uri), "asyncio") if uri else None
+    if warning:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+
+
+def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.check import run_checks
+
+    passed = _run(run_checks(settings, config_file(args), lambda line: print(line, flush=True)), "check failed")
+    return 0 if passed else EXIT_FAILURE
 
 
 def _set_enabled(settings: Settings, name: str, enabled: bool) -> int:
