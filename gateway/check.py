@@ -27,9 +27,8 @@ from gateway.users.db import (
     schema_revisions,
 )
 from gateway.users.store import UserStore
-from pathio_backends.probe import StorageUnavailable, probe_storage
+from pathio_backends.probe import StorageUnavailable, probe_storage, template_root
 from pathio_backends.resources import BackendResources
-from pathio_backends.uri import parse_uri
 
 # Storages probed at once.
 PROBES_AT_ONCE = 8
@@ -131,16 +130,13 @@ async def _check_default_storage(template: str, resources: BackendResources, sec
     """The default storage is a template (``{username}``): what is probed is the directory or prefix above the
     users' ones, which must exist (S3) or be creatable (local disk) for any user's first login to succeed."""
     subject = f"{template} (default)"
-    if "{username}" not in template:
-        return await _probe(template, "(default)", resources, seconds)
-    head = template[: template.index("{username}")]
-    parent = head[: head.rfind("/") + 1]
-    try:
-        parse_uri(parent)
-    except ValueError:
+    root = template_root(template)
+    if root is None:
         return Outcome(True, "storage", subject, "not checked: the bucket's name depends on the user")
-    outcome = await _probe(parent, "(default)", resources, seconds)
-    return Outcome(outcome.ok, "storage", subject, f"{parent}: {outcome.detail}")
+    outcome = await _probe(root, "(default)", resources, seconds)
+    if root == template:
+        return outcome
+    return Outcome(outcome.ok, "storage", subject, f"{root}: {outcome.detail}")
 
 
 async def _probe(uri: str, whose: str, resources: BackendResources, seconds: float) -> Outcome:

@@ -50,6 +50,22 @@ async def probe_storage(uri: str, resources: BackendResources, *, write: bool, s
         raise StorageUnavailable(f"{type(exc).__name__}: {' '.join(str(exc).split())}") from None
 
 
+def template_root(template: str) -> str | None:
+    """The storage every user's own one goes under, for a template with ``{username}`` (``s3://ftp/users/{username}``
+    -> ``s3://ftp/users/``, ``file:///srv/ftp/{username}`` -> ``file:///srv/ftp/``); the template itself without one;
+    None when no such storage exists (the bucket's name depends on the user). What to probe for the default
+    storage: it must exist (S3) or be creatable (local disk) for a first login to succeed."""
+    if "{username}" not in template:
+        return template
+    head = template[: template.index("{username}")]
+    root = head[: head.rfind("/") + 1]
+    try:
+        parse_uri(root)
+    except ValueError:
+        return None
+    return root
+
+
 def _one_line(exc: OSError) -> str:
     text = exc.strerror or str(exc) or type(exc).__name__
     return " ".join(text.split())
