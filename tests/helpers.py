@@ -9,6 +9,8 @@ import os
 import random
 import secrets
 import shutil
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -56,6 +58,31 @@ def wait_until(condition: Callable[[], T], *, timeout: float, what: str, interva
             raise WaitTimeout(f"gave up after {timeout} s waiting for {what}; last seen: {value!r}")
         time.sleep(min(interval, remaining))
         interval = min(interval * 2, longest)
+
+
+def stop_server(process: subprocess.Popen[str]) -> None:
+    """Stop an ``ftp-gateway serve`` process a test started: SIGTERM (it drains, its workers with it), and SIGKILL
+    of it and of its workers only if it has not ended after 30 s. A SIGKILL of ``serve --workers N`` alone would
+    leave its workers running after the test."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        with open(f"/proc/{process.pid}/task/{process.pid}/children") as listing:
+            workers = [int(child) for child in listing.read().split()]
+    except FileNotFoundError:
+        workers = []
+    for pid in (process.pid, *workers):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
 
 
 def require_binary(name: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
-from tests.helpers import scratch_postgres
+from tests.helpers import scratch_postgres, stop_server
 
 
 @pytest.fixture
@@ -218,9 +218,7 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
     assert line.startswith("listening on ftp://127.0.0.1:"), line + process.stderr.read()  # type: ignore[union-attr]
     port = int(line.rsplit(":", 1)[1])
     yield process, port
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    stop_server(process)
     process.stdout.close()
     process.stderr.close()  # type: ignore[union-attr]
 

@@ -19,7 +19,7 @@ import boto3
 import pytest
 
 from pathio_backends.base import RESERVED_PREFIX
-from tests.helpers import S3_BUCKET, S3_CREDENTIALS, MiB, free_passive_range, random_bytes, wait_until
+from tests.helpers import S3_BUCKET, S3_CREDENTIALS, MiB, free_passive_range, random_bytes, stop_server, wait_until
 
 SIZE = 50 * MiB
 CHUNK = 256 * 1024
@@ -105,9 +105,7 @@ def serve(tmp_path: Path, backend: str, endpoint: str | None, *extra: str) -> It
     try:
         yield Served(process, int(line.rsplit(":", 1)[1]), log, backend, tmp_path / "data", s3)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        stop_server(process)
         process.stdout.close()
         if s3 is not None:
             s3.close()

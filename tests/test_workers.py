@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import free_passive_range, random_bytes, wait_until
+from tests.helpers import free_passive_range, random_bytes, stop_server, wait_until
 
 WORKERS = 2
 
@@ -54,9 +54,7 @@ def workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int, tuple[
     line = process.stdout.readline()
     assert line.startswith("listening on ftp://127.0.0.1:"), line + process.stderr.read()
     yield process, int(line.rsplit(":", 1)[1]), (low, high)
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    stop_server(process)
     process.stdout.close()
     process.stderr.close()
 
