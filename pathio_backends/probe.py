@@ -16,6 +16,9 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import threading
+from collections.abc import Callable
+from typing import Any
 
 from pathio_backends.base import RESERVED_PREFIX
 from pathio_backends.resources import BackendResources
@@ -36,7 +39,7 @@ async def probe_storage(uri: str, resources: BackendResources, *, write: bool, s
     try:
         async with asyncio.timeout(seconds):
             if isinstance(location, FileLocation):
-                return await asyncio.to_thread(_probe_directory, location.path, write)
+                return await _in_daemon_thread(_probe_directory, location.path, write)
             return await _probe_s3(location.bucket, location.prefix, resources, write)
     except TimeoutError:
         raise StorageUnavailable(f"no answer within {seconds:g} s") from None
@@ -64,6 +67,35 @@ def template_root(template: str) -> str | None:
     except ValueError:
         return None
     return root
+
+
+async def _in_daemon_thread(func: Callable[..., str], *args: Any) -> str:
+    """``func(*args)`` in a thread of its own that the process does not wait for at exit: a directory on a hung
+    network filesystem blocks its thread for good, and ``asyncio.to_thread``'s executor is waited for when
+    ``asyncio.run`` ends, which would hang ``ftp-gateway check`` past its timeout."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[str] = loop.create_future()
+
+    def settle(result: str | None, exc: BaseException | None) -> None:
+        if future.done():
+            return  # the caller gave up (timeout)
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result or "")
+
+    def run() -> None:
+        try:
+            outcome: tuple[str | None, BaseException | None] = (func(*args), None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            outcome = (None, exc)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:
+            pass  # the loop has ended meanwhile: nobody waits for this answer any more
+
+    threading.Thread(target=run, name="storage-probe", daemon=True).start()
+    return await future
 
 
 def _one_line(exc: OSError) -> str:
