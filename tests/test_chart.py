@@ -136,7 +136,7 @@ def test_production_values_reach_the_server_config(tmp_path: Path) -> None:
     assert settings.limits.max_connections == 5000 and settings.timeouts.drain == 120
     assert settings.workers == 1 and settings.listen == "0.0.0.0:2121"
     assert config["passive"]["masquerade_address"] == "203.0.113.10"
-    assert config["proxy_protocol"] == {"trusted": ["10.20.0.0/16"], "required": True}
+    assert config["proxy_protocol"] == {"trusted": ["10.20.0.0/24"], "required": True}
     assert config["cluster"]["redis_url"] == "redis://ftp-ftp-gateway-redis:6379/0"
     assert config["storage"]["default_uri"] == "s3://acme-ftp-gateway/users/{username}"
     assert one(objects, "Service", "ftp-ftp-gateway-redis")["spec"]["ports"][0]["port"] == 6379
