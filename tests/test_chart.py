@@ -383,3 +383,48 @@ def test_every_value_is_documented() -> None:
                 yield f"{prefix}{key}"
 
     assert set(leaves(values)) == documented
+
+
+# -- compose.yaml speaks the same settings ----------------------------------------------------------------
+
+
+def setting_of(variable: str) -> str:
+    """``FTP_GATEWAY_S3__ENDPOINT_URL`` -> ``s3.endpoint_url``, checked against the Settings model."""
+    from gateway.config import Settings
+
+    path = variable.removeprefix("FTP_GATEWAY_").lower().split("__")
+    fields: dict[str, Any] = Settings.model_fields
+    for i, part in enumerate(path):
+        assert part in fields, f"{variable}: no setting {'.'.join(path[: i + 1])}"
+        annotation = fields[part].annotation
+        fields = getattr(annotation, "model_fields", {})
+    return ".".join(path)
+
+
+def dotted(tree: dict[str, Any], prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in tree.items():
+        keys |= dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
+    return keys
+
+
+def test_compose_names_the_settings_the_chart_uses() -> None:
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"gateway", "migrate", "postgres", "minio", "minio-init", "redis"} <= set(services)
+    gateway_env = services["gateway"]["environment"]
+    assert services["migrate"]["environment"] == gateway_env and services["migrate"]["command"] == ["db", "upgrade"]
+    assert "mc mb" in " ".join(services["minio-init"]["command"])
+    compose_settings = {setting_of(name) for name in gateway_env}
+
+    objects = render(
+        *("--set", "s3.endpointUrl=http://minio:9000", "--set", "s3.region=us-east-1", "--set", "redis.enabled=true"),
+        *("--set", "s3.accessKeyId=a", "--set", "s3.secretAccessKey=b", "--set", "masqueradeAddress=192.0.2.1"),
+    )
+    chart_settings = dotted(config_of(objects)) | {
+        setting_of(e["name"]) for e in gateway(objects)["env"] if e["name"] != "FTP_GATEWAY_CONFIG"
+    }
+    assert compose_settings <= chart_settings, compose_settings - chart_settings
+    # The published passive range is the configured one.
+    low, high = gateway_env["FTP_GATEWAY_PASSIVE__PORT_MIN"], gateway_env["FTP_GATEWAY_PASSIVE__PORT_MAX"]
+    assert f"127.0.0.1:{low}-{high}:{low}-{high}" in services["gateway"]["ports"]
