@@ -154,7 +154,7 @@ def test_production_values_reach_the_server_config(tmp_path: Path) -> None:
 
 
 def test_pods_are_locked_down_and_drain_before_they_are_killed() -> None:
-    objects = render("--set", "drainTimeout=45", "--set", "terminationGraceMargin=10")
+    objects = render("--set", "drainTimeout=45", "--set", "terminationGraceMargin=10", "--set", "preStopSleepSeconds=5")
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     container = gateway(objects)
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -166,7 +166,8 @@ def test_pods_are_locked_down_and_drain_before_they_are_killed() -> None:
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert "emptyDir" in volumes[mounts["/tmp"]] and "emptyDir" in volumes[mounts["/data"]]
     assert config_of(objects)["timeouts"]["drain"] == 45
-    assert pod["terminationGracePeriodSeconds"] == 55
+    assert pod["terminationGracePeriodSeconds"] == 60
+    assert container["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", "5"]}}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
     assert {"name": "admin", "containerPort": 9090, "protocol": "TCP"} in container["ports"]
