@@ -30,6 +30,13 @@ ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "ftp-gateway"
 PRODUCTION = CHART / "ci" / "production-values.yaml"
 VALUES = {"default": [], "production": ["-f", str(PRODUCTION)]}
+# Every optional object at once, for the schema check: HPA, an external Redis, ServiceMonitor, the test pod with
+# its own Secret, static S3 keys, NodePort.
+EVERYTHING = [
+    *("--set", "autoscaling.enabled=true", "--set", "redis.url=redis://redis.example:6379/0"),
+    *("--set", "serviceMonitor.enabled=true", "--set", "testLogin.password=pw", "--set", "service.type=NodePort"),
+    *("--set", "s3.accessKeyId=a", "--set", "s3.secretAccessKey=b", "--set", "service.nodePort=30021"),
+]
 KUBERNETES_VERSIONS = ("1.28.0", "1.31.0")
 Objects = list[dict[str, Any]]
 
@@ -75,15 +82,17 @@ def test_helm_lint(values: str) -> None:
     assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
 
 
-@pytest.mark.parametrize("values", VALUES)
+@pytest.mark.parametrize("values", [*VALUES, "everything"])
 def test_rendered_objects_match_the_kubernetes_schemas(values: str) -> None:
     try:
         import kubernetes_validate
     except ImportError:
         missing("kubernetes-validate (pip install -e '.[test]')")
-    objects = render(*VALUES[values])
+    objects = render(*(EVERYTHING if values == "everything" else VALUES[values]))
     kinds = {o["kind"] for o in objects}
     assert {"Deployment", "Service", "ConfigMap", "ServiceAccount", "PodDisruptionBudget", "Job"} <= kinds
+    if values == "everything":
+        assert {"HorizontalPodAutoscaler", "ServiceMonitor", "Pod", "Secret"} <= kinds
     for version in KUBERNETES_VERSIONS:
         for obj in objects:
             if obj["apiVersion"].startswith("monitoring.coreos.com/"):

@@ -136,6 +136,22 @@ def test_final_image_is_slim_non_root_and_runs_serve(stages: list[Stage]) -> Non
     assert f"{config['passive']['port_min']}-{config['passive']['port_max']}" in exposed
 
 
+def test_dockerignore_lets_every_copied_path_in(stages: list[Stage]) -> None:
+    """.dockerignore excludes everything, then lets the sources back in: a COPY of a path it misses fails the
+    build (no container engine runs here to notice)."""
+    lines = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    assert "*" in lines
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
+    copied = {
+        source.split("/")[0]
+        for stage in stages
+        for args in stage.all("COPY")
+        if not args.startswith("--from")
+        for source in args.split()[:-1]
+    }
+    assert copied and copied <= allowed, copied - allowed
+
+
 @pytest.fixture(scope="module")
 def image(stages: list[Stage], tmp_path_factory: pytest.TempPathFactory) -> ImageRoot:
     """The builder's steps, then the final stage's files, under a temporary root."""
