@@ -136,7 +136,7 @@ The gateway's environment, shared by the Deployment and the migration Job (whose
 `secretName` is passed in). Secrets come in as FTP_GATEWAY_* variables, which override config.toml.
 */}}
 {{- define "ftp-gateway.env" -}}
-{{- $root := .root }}
+{{- $root := .root -}}
 - name: FTP_GATEWAY_CONFIG
   value: {{ include "ftp-gateway.configDir" $root }}/config.toml
 - name: FTP_GATEWAY_DATABASE__URL
