@@ -253,10 +253,17 @@ def notes(*args: str, tmp_path: Path) -> str:
 
 
 class Pod:
-    """A rendered container as a local process. The pod's volumes become directories under ``root``: a
-    ConfigMap volume holds the ConfigMap's files, an emptyDir is empty; an absolute path under a mount point,
-    in an env value or in a mounted file, is rewritten to the directory. The pod IP is 127.0.0.1; the image's
-    WORKDIR /data is the working directory, and `ftp-gateway` is this venv's."""
+    """A rendered container as a local process, with these substitutions and no others:
+
+    - the pod's volumes are directories under ``root`` (a ConfigMap volume holds the ConfigMap's files, an
+      emptyDir is empty), and a path under a mount point, in an env value or a mounted file, is rewritten to
+      its directory: so FTP_GATEWAY_CONFIG names the rendered config.toml, and the default SQLite URL and
+      storage URI (under /data) land in a temporary directory;
+    - the pod IP (the downward API's status.podIP) is 127.0.0.1;
+    - the image's WORKDIR /data is the working directory, and `ftp-gateway` is this venv's;
+    - (in the test) the listen addresses, 0.0.0.0 with fixed ports in the pod, are 127.0.0.1 with free ports.
+
+    Secrets and ConfigMaps are resolved from the rendered objects, as the kubelet would."""
 
     def __init__(self, objects: Objects, pod_spec: dict[str, Any], root: Path) -> None:
         (self.container,) = pod_spec["containers"]
@@ -312,6 +319,7 @@ class Pod:
 def rendered(tmp_path: Path) -> tuple[Objects, list[str], str]:
     low, high = free_passive_range(20)
     args = ["--set", f"passivePorts.start={low}", "--set", f"passivePorts.end={high}"]
+    args += ["--set", "testLogin.username=alice", "--set", "testLogin.password=CHANGE-ME"]
     return render(*args), args, notes(*args, tmp_path=tmp_path)
 
 
@@ -356,6 +364,19 @@ def test_the_rendered_deployment_serves_a_login(rendered: tuple[Objects, list[st
         assert sha256(downloaded.stdout) == sha256(data)
         # The chart's default storage (file:///data/ftp-data/{username}) is the pod's /data emptyDir.
         assert sha256((pod.mounts["/data"] / "ftp-data" / "alice" / "upload.bin").read_bytes()) == sha256(data)
+        # The `helm test` pod's own command, against this process instead of the Service's address.
+        test_pod = one(objects, "Pod")["spec"]
+        (test_container,) = test_pod["containers"]
+        test_env = {e["name"]: Pod.resolve(objects, e) for e in test_container["env"]}
+        service_url = f"ftp://ftp-ftp-gateway:{one(objects, 'Service', 'ftp-ftp-gateway')['spec']['ports'][0]['port']}/"
+        script = test_container["args"][0]
+        assert service_url in script
+        helm_test = subprocess.run(
+            [*test_container["command"], script.replace(service_url, url)],
+            env={"PATH": os.environ["PATH"], **test_env}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert helm_test.returncode == 0 and "upload.bin" in helm_test.stdout, helm_test.stderr
+        assert "login and listing: ok" in helm_test.stdout
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, err.read_text()[-3000:]
     finally:
