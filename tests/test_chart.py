@@ -326,8 +326,10 @@ def rendered(tmp_path: Path) -> tuple[Objects, list[str], str]:
 def test_the_rendered_deployment_serves_a_login(rendered: tuple[Objects, list[str], str], tmp_path: Path) -> None:
     objects, _, notes_text = rendered
     curl = require_binary("curl")
-    job = one(objects, "Job")
+    job = one(objects, "Job", "ftp-ftp-gateway-migrate")
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "pre-install,pre-upgrade"
+    check_job = one(objects, "Job", "ftp-ftp-gateway-check")
+    assert check_job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
     migrate = Pod(objects, job["spec"]["template"]["spec"], tmp_path / "pod")
     pod = Pod(objects, one(objects, "Deployment")["spec"]["template"]["spec"], tmp_path / "pod")
     # The migration Job runs against the same database as the pods (here: the same mapped SQLite file).
@@ -340,6 +342,18 @@ def test_the_rendered_deployment_serves_a_login(rendered: tuple[Objects, list[st
     exec_line = next(i for i, line in enumerate(lines) if "exec -i deployment/ftp-ftp-gateway --" in line)
     added = pod.run(shlex.split(lines[exec_line + 1]), stdin="CHANGE-ME\n")
     assert added.returncode == 0 and "user alice added" in added.stdout, added.stderr
+
+    # The post-install check Job: config, database and storage, one line each, all ok.
+    check = Pod(objects, check_job["spec"]["template"]["spec"], tmp_path / "pod")
+    assert check.env["FTP_GATEWAY_DATABASE__URL"] == pod.env["FTP_GATEWAY_DATABASE__URL"]
+    checked = check.run(check.container["command"] + check.container["args"])
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert [line.split()[:2] for line in checked.stdout.splitlines()] == [
+        ["ok", "config"],
+        ["ok", "database"],
+        ["ok", "storage"],
+    ], checked.stdout
+    assert "schema at revision" in checked.stdout and "users: 1" in checked.stdout
 
     # What differs from the pod: the listen addresses (0.0.0.0 with fixed ports there), moved to 127.0.0.1 with
     # free ports by FTP_GATEWAY_* variables, which override config.toml.
