@@ -41,3 +41,12 @@ def take_buffered(reader: asyncio.StreamReader) -> tuple[bytes, bool]:
     taken = bytes(data)
     data.clear()
     return taken, at_eof
+
+
+async def wait_for_data(reader: asyncio.StreamReader) -> None:
+    """Wait until the reader holds at least a byte, or the end of data, without taking anything: PROXY protocol's
+    optional header (``proxy_protocol.required = false``) is looked for in the first bytes and, when there is
+    none, they belong to the session."""
+    if buffered(reader) or reader.at_eof():
+        return
+    await getattr(reader, "_wait_for_data")("proxy_protocol")  # noqa: B009 - private, on purpose (see above)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import getpass
+import ipaddress
 import json
 import logging
 import os
@@ -134,6 +135,12 @@ def build_parser() -> Parser:
     serve.add_argument("--masquerade-address", metavar="IP", help="IPv4 address announced in PASV replies")
     serve.add_argument("--storage", metavar="URI", help="storage of users without their own ({username} allowed)")
     serve.add_argument(
+        "--proxy-trusted",
+        type=networks,
+        metavar="CIDR[,CIDR]",
+        help="networks whose connections start with a PROXY protocol header (load balancers)",
+    )
+    serve.add_argument(
         "--workers", type=worker_number, metavar="N", help="processes sharing the control port (default: one per CPU)"
     )
     serve.add_argument(
@@ -248,6 +255,17 @@ def config_file(args: argparse.Namespace) -> Path | None:
     return args.config or (Path(os.environ["FTP_GATEWAY_CONFIG"]) if os.environ.get("FTP_GATEWAY_CONFIG") else None)
 
 
+def networks(text: str) -> list[str]:
+    """``CIDR[,CIDR]``: networks (a bare address is a /32 or /128)."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    for part in parts:
+        try:
+            ipaddress.ip_network(part)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"invalid network {part!r}: {exc}") from None
+    return parts
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     """The config file < ``FTP_GATEWAY_*`` < the flags given on this command line."""
     config = config_file(args)
@@ -267,6 +285,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         overrides["storage"] = {"default_uri": args.storage}
     if getattr(args, "drain_timeout", None) is not None:
         overrides["timeouts"] = {"drain": args.drain_timeout}
+    if getattr(args, "proxy_trusted", None) is not None:
+        overrides["proxy_protocol"] = {"trusted": args.proxy_trusted}
     return load_settings(config, overrides)
 
 

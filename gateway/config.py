@@ -156,8 +156,11 @@ class ProxyProtocolSettings(_Section):
     # Networks whose connections (control and passive) may start with a PROXY protocol v1/v2 header, as a load
     # balancer sends it; the client address it carries then counts for every per-IP rule. Empty: off.
     trusted: tuple[IPNetwork, ...] = ()
-    # A connection from a trusted network without the header is refused (else it counts as its own address).
+    # A connection from a trusted network without the header is refused (else it counts as its own address, after
+    # a wait of up to 0.2 s for a header that does not come: keep it required where every connection has one).
     required: bool = True
+    # The whole header must arrive within this many seconds of the connection, or the connection is refused.
+    header_timeout: Annotated[float, Field(gt=0, le=60)] = 5.0
 
 
 class ClusterSettings(_Section):

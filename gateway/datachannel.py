@@ -20,15 +20,34 @@ import collections
 import errno
 import ipaddress
 import logging
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Awaitable, Callable
+from typing import Literal, Protocol
 
 from aioftp.common import StreamThrottle, ThrottleStreamIO
 
 from gateway.errors import DataConnectionError, NoDataConnection
+from gateway.proxy_protocol import ProxyHeaderError, ProxyPolicy
 
 logger = logging.getLogger(__name__)
-Accept = Callable[[asyncio.StreamReader, asyncio.StreamWriter], None]
+# Hands a data connection to the session waiting on its port, with the client address it came from (the
+# peer's, or the one its PROXY header carried).
+Deliver = Callable[[asyncio.StreamReader, asyncio.StreamWriter, str], None]
+
+
+class Listener(Protocol):
+    def close(self) -> None: ...
+
+
+class Ports(Protocol):
+    """Where a session's passive port comes from: :class:`PassivePorts` (one replica) or
+    ``gateway.cluster.ClusterPorts`` (several, sharing the range through Redis)."""
+
+    @property
+    def in_use(self) -> int: ...
+
+    async def open(self, host: str, client_ip: str, deliver: Deliver) -> tuple[int, Listener] | None: ...
+
+    def give_back(self, port: int) -> None: ...
 
 
 def plain_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -39,15 +58,41 @@ def plain_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ip
 
 
+def peer_of(writer: asyncio.StreamWriter) -> tuple[str, int]:
+    peer = writer.get_extra_info("peername")
+    return (peer[0], peer[1]) if peer else ("", 0)
+
+
+async def client_or_close(
+    policy: ProxyPolicy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, what: str
+) -> tuple[str, int] | None:
+    """The client address of a connection (through its PROXY header when the peer is trusted), or None (logged)
+    when a header was due and did not come: the caller refuses the connection."""
+    peer = peer_of(writer)
+    try:
+        return await policy.client_of(reader, peer)
+    except ProxyHeaderError as exc:
+        logger.warning("%s from %s refused: %s", what, peer[0], exc)
+        return None
+
+
 class PassivePorts:
     """A server's passive range, shared by its sessions: a port is taken for one transfer and given back when it
-    ends. A port another program holds is skipped, and tried again later."""
+    ends. A port another program holds is skipped, and tried again later. ``policy``: PROXY protocol on the
+    passive ports (None: off, and the accept path stays synchronous)."""
 
-    def __init__(self, ports: range) -> None:
+    def __init__(self, ports: range, policy: ProxyPolicy | None = None) -> None:
         self._free = collections.deque(ports)
+        self._size = len(ports)
+        self._policy = policy
 
-    async def open(self, host: str, accept: Accept) -> tuple[int, asyncio.Server] | None:
+    @property
+    def in_use(self) -> int:
+        return self._size - len(self._free)
+
+    async def open(self, host: str, client_ip: str, deliver: Deliver) -> tuple[int, Listener] | None:
         """A listener on a free port of the range, or None when every port is taken."""
+        accept = self._accepter(deliver)
         for _ in range(len(self._free)):
             port = self._free.popleft()
             try:
@@ -59,6 +104,26 @@ class PassivePorts:
                 continue
             return port, listener
         return None
+
+    def _accepter(
+        self, deliver: Deliver
+    ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None]:
+        policy = self._policy
+        if policy is None:
+
+            def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                deliver(reader, writer, peer_of(writer)[0])
+
+            return accept
+
+        async def accept_proxied(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            client = await client_or_close(policy, reader, writer, "data connection")
+            if client is None:
+                writer.close()
+            else:
+                deliver(reader, writer, client[0])
+
+        return accept_proxied
 
     def give_back(self, port: int) -> None:
         self._free.append(port)
@@ -85,7 +150,7 @@ class DataChannel:
 
     def __init__(
         self,
-        ports: PassivePorts,
+        ports: Ports,
         *,
         client_host: str,
         server_host: str,
@@ -101,7 +166,7 @@ class DataChannel:
         self.epsv_all = False
         self.mode: Literal["passive", "active"] | None = None
         self._port: int | None = None
-        self._listener: asyncio.Server | None = None
+        self._listener: Listener | None = None
         # The connection the client made to the passive port, for the next transfer.
         self._accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None
         self._active: tuple[str, int] | None = None
@@ -116,7 +181,7 @@ class DataChannel:
         a connection made after the first: it belongs to no transfer."""
         if self._listener is None:
             self.release()
-            opened = await self._ports.open(self.server_host, self._accept)
+            opened = await self._ports.open(self.server_host, str(self.client_ip), self.deliver)
             if opened is None:
                 return None
             self._port, self._listener = opened
@@ -125,12 +190,12 @@ class DataChannel:
         self.mode = "passive"
         return self._port
 
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
+    def deliver(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client_host: str) -> None:
+        """A connection to this session's passive port, from ``client_host`` (as its PROXY header said, if any)."""
         if self._accepted is None or self._accepted.done():
             writer.close()  # no transfer waits for it, or one connection came already
-        elif peer is None or plain_ip(peer[0]) != self.client_ip:
-            logger.warning("data connection from %s refused: the session's client is %s", peer, self.client_ip)
+        elif not client_host or plain_ip(client_host) != self.client_ip:
+            logger.warning("data connection from %s refused: the session's client is %s", client_host, self.client_ip)
             writer.close()
         else:
             self._accepted.set_result((reader, writer))

@@ -21,7 +21,7 @@ from gateway.commands.listing import ListingCommands
 from gateway.commands.login import LoginCommands
 from gateway.commands.transfer import TransferCommands
 from gateway.config import Settings
-from gateway.datachannel import DataChannel
+from gateway.datachannel import DataChannel, client_or_close, peer_of
 from gateway.drain import REFUSED_WHILE_DRAINING, drain, refuse_transfer
 from gateway.errors import Handler, command_errors
 from gateway.log import session_context
@@ -90,7 +90,16 @@ class GatewayServer(
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
-        host, port, *_ = writer.get_extra_info("peername") or ("", 0)
+        host, port = peer_of(writer)
+        if self.proxy_policy is not None:
+            client = await client_or_close(self.proxy_policy, reader, writer, "control connection")
+            if client is None:
+                await refuse(writer, "421 PROXY protocol header expected; closing.")
+                return
+            host, port = client
+            if self.draining:  # it began while the header was awaited
+                await refuse(writer, "421 Server shutting down.")
+                return
         local_host, *_ = writer.get_extra_info("sockname")
         data = DataChannel(
             self.passive_ports,
@@ -109,6 +118,16 @@ class GatewayServer(
             data.release()
             if self.draining and not self.sessions:
                 self.sessions_closed.set()
+
+
+async def refuse(writer: asyncio.StreamWriter, reply: str) -> None:
+    """Answer a control connection refused before its session starts, and close it (quietly: it may be gone)."""
+    try:
+        writer.write(reply.encode() + b"\r\n")
+        writer.close()
+        await writer.wait_closed()
+    except OSError:
+        pass
 
 
 def gate(verb: str, handler: Handler, session_of: Callable[[aioftp.Connection], SessionState]) -> Handler:

@@ -25,9 +25,10 @@ from aioftp.common import StreamThrottle
 
 from gateway import runtime
 from gateway.config import Settings
-from gateway.datachannel import PassivePorts
+from gateway.datachannel import PassivePorts, Ports
 from gateway.errors import answer, transfer_errors, unwrap
 from gateway.metrics import Metrics
+from gateway.proxy_protocol import ProxyPolicy
 from gateway.pump import TransferPump
 from gateway.session import SessionState
 from gateway.users.manager import DatabaseUserManager, GatewayUser
@@ -86,7 +87,15 @@ class CommandBase(aioftp.Server):
         self.user_manager: DatabaseUserManager = user_manager
         threads = settings.transfer.pump_threads
         self.pump = TransferPump(threads) if threads else None
-        self.passive_ports = PassivePorts(settings.passive.ports)
+        proxy = settings.proxy_protocol
+        # PROXY protocol on the control and passive listeners; None when no network is trusted (the default).
+        self.proxy_policy = (
+            ProxyPolicy(proxy.trusted, required=proxy.required, timeout=proxy.header_timeout) if proxy.trusted else None
+        )
+        # The passive range: this process's own pool, or the cluster's (``gateway.cluster``, set up by
+        # ``running_gateway`` when ``cluster.redis_url`` is set).
+        self.passive_ports: Ports = PassivePorts(settings.passive.ports, self.proxy_policy)
+        self.metrics.passive_ports_in_use.set_function(lambda: self.passive_ports.in_use)
         # One per control connection, keyed by its writer: made and dropped by ``GatewayServer.dispatcher``.
         self.sessions: dict[asyncio.StreamWriter, SessionState] = {}
         # One throttle per user object, shared by its sessions; weakly keyed, so it goes with its last session.

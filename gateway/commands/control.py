@@ -26,6 +26,9 @@ LINE_TOO_LONG = " line-too-long"
 NOT_UTF8 = " not-utf8"
 # The server drains (SIGTERM) and this session has no transfer running: it gets 421 and is closed.
 DRAIN = " drain"
+PROXY_HEADER = " proxy-header"
+# The third line of a PROXY v2 signature (``\r\n\r\n\x00\r\nQUIT\n``), never an FTP command.
+PROXY_V2_LINE = b"\x00\r\n"
 
 
 class ControlConnection(CommandBase):
@@ -35,6 +38,7 @@ class ControlConnection(CommandBase):
         LINE_TOO_LONG: "line_too_long",
         NOT_UTF8: "not_utf8",
         DRAIN: "control_draining",
+        PROXY_HEADER: "proxy_header",
     }
 
     async def parse_command(self, stream: aioftp.StreamIO, censor_commands: tuple[str] = ("pass",)) -> tuple[str, str]:
@@ -72,6 +76,9 @@ class ControlConnection(CommandBase):
             break
         if not line:
             return EOF, ""
+        if line.startswith(b"PROXY ") or line == PROXY_V2_LINE:
+            # A header that was not read as one: the peer is not trusted (or sent a second one). Never honoured.
+            return PROXY_HEADER, ""
         if b"\xff" in line:
             # Telnet commands (IAC IP, IAC DM before an ABOR); UTF-8 never has a 0xff byte.
             line = TELNET_COMMAND.sub(lambda m: b"\xff" if m.group() == b"\xff\xff" else b"", line)
@@ -131,3 +138,8 @@ class ControlConnection(CommandBase):
     async def not_utf8(self, connection: aioftp.Connection, rest: str) -> bool:
         connection.response("501", "Command is not valid UTF-8.")
         return True
+
+    async def proxy_header(self, connection: aioftp.Connection, rest: str) -> bool:
+        logger.warning("PROXY protocol header from an untrusted address refused")
+        connection.response("421", "PROXY protocol header not accepted from this address; closing.")
+        return False

@@ -189,7 +189,7 @@ class ListingCommands(CommandBase):
             mode = "ASCII" if session.ascii else "Binary"
             status = [
                 "ftp-gateway status:",
-                f"Connected from {connection.client_host}",
+                f"Connected from {session.client_host}",
                 f"Logged in as {user}",
                 f"TYPE: {mode}, MODE: Stream, STRU: File",
                 f"{len(session.transfers)} transfer(s) in progress",
