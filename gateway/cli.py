@@ -140,6 +140,8 @@ def build_parser() -> Parser:
         metavar="CIDR[,CIDR]",
         help="networks whose connections start with a PROXY protocol header (load balancers)",
     )
+    serve.add_argument("--redis-url", metavar="URL", help="Redis shared by the replicas (cluster mode)")
+    serve.add_argument("--node-address", metavar="IP", help="address the other replicas reach this one on")
     serve.add_argument(
         "--workers", type=worker_number, metavar="N", help="processes sharing the control port (default: one per CPU)"
     )
@@ -287,6 +289,16 @@ def settings_from(args: argparse.Namespace) -> Settings:
         overrides["timeouts"] = {"drain": args.drain_timeout}
     if getattr(args, "proxy_trusted", None) is not None:
         overrides["proxy_protocol"] = {"trusted": args.proxy_trusted}
+    cluster = {
+        key: value
+        for key, value in (
+            ("redis_url", getattr(args, "redis_url", None)),
+            ("node_address", getattr(args, "node_address", None)),
+        )
+        if value
+    }
+    if cluster:
+        overrides["cluster"] = cluster
     return load_settings(config, overrides)
 
 
@@ -512,8 +524,12 @@ def serve(settings: Settings, ready: Callable[[GatewayServer], Awaitable[None]],
         await ready(server)
 
     async def main() -> int:
+        from gateway.cluster import ClusterError
+
         try:
             await serve_until_signalled(settings, started, reuse_port=reuse_port)
+        except ClusterError as exc:
+            raise CliError(str(exc)) from None
         except OSError as exc:
             if exc.errno not in LISTEN_ERRNOS:
                 raise  # not the listening socket: a database or storage failure, reported by _run
@@ -544,7 +560,11 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     gateway_log.configure(settings.log.level)
     if args.workers is not None:
         settings = settings.model_copy(update={"workers": args.workers})
-    count = workers.worker_count(settings.workers)
+    if settings.cluster.redis_url and settings.workers > 1:
+        # Every replica listens on the whole passive range, and relays to a replica by its address: two
+        # processes on one address could not tell which of them holds a session.
+        raise CliError(f"--workers {settings.workers} does not go with cluster.redis_url: run one process per replica")
+    count = 1 if settings.cluster.redis_url else workers.worker_count(settings.workers)
 
     def announce(port: int) -> None:
         if count > 1:

@@ -171,6 +171,11 @@ class ClusterSettings(_Section):
     node_address: str | None = None
     # Prefix of every Redis key, so several gateways (or tests) can share one Redis.
     key_prefix: str = "ftp-gateway"
+    # Seconds a passive port's claim and a replica's heartbeat live in Redis without being renewed (renewed every
+    # third of it): a replica that dies frees its ports after this long.
+    claim_ttl: Annotated[float, Field(ge=3, le=3600)] = 30.0
+    # Bound on each Redis request; a slower Redis counts as down (ports then come from the local pool).
+    redis_timeout: Annotated[float, Field(gt=0, le=60)] = 1.0
 
 
 class Settings(BaseSettings):

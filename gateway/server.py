@@ -191,6 +191,10 @@ async def running_gateway(settings: Settings, *, reuse_port: bool = False) -> As
         server = GatewayServer(settings, DatabaseUserManager(store, settings, resources, passwords))
         if server.pump is not None:
             stack.callback(server.pump.close)
+        if settings.cluster.redis_url:
+            from gateway.cluster import ClusterPorts  # redis is imported only by replicas of a cluster
+
+            server.passive_ports = await stack.enter_async_context(ClusterPorts(settings, server.metrics))
         if reuse_port:
             await server.start(settings.listen_host, settings.listen_port, reuse_port=True)
         else:

@@ -1,0 +1,188 @@
+"""Several replicas sharing one passive range through Redis: three ``ftp-gateway serve`` processes on 127.0.0.11,
+.12 and .13 behind a round-robin balancer on 127.0.0.1 (tests/balancer.py), files in one S3 (moto)."""
+
+from __future__ import annotations
+
+import ftplib
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.balancer import balancing, free_port_on
+from tests.helpers import S3_BUCKET, S3_CREDENTIALS, free_passive_range, missing, random_bytes, sha256
+
+REDIS_URL = os.environ.get("FTP_GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REPLICAS = ("127.0.0.11", "127.0.0.12", "127.0.0.13")
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The test Redis; each test gets its own key prefix."""
+    host, port = "127.0.0.1", 6379
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        missing(f"Redis on {host}:{port}")
+    return REDIS_URL
+
+
+def gateway_command() -> list[str]:
+    local = Path(sys.executable).with_name("ftp-gateway")
+    return [str(local)] if local.exists() else [sys.executable, "-m", "gateway"]
+
+
+class Replica:
+    def __init__(self, host: str, port: int, env: dict[str, str], log: Path) -> None:
+        self.host = host
+        self.log = log
+        self._log_file = log.open("wb")
+        self.process = subprocess.Popen(
+            [*gateway_command(), "serve", "--listen", f"{host}:{port}"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=self._log_file,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().decode()
+        if not line.startswith("listening on"):
+            self.stop()
+            raise AssertionError(f"replica {host} did not start: {line!r}\n{log.read_text()}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(30)
+        self._log_file.close()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return code
+
+
+@contextmanager
+def replicas(
+    tmp_path: Path,
+    redis_url: str,
+    passive: tuple[int, int],
+    hosts: Sequence[str] = REPLICAS,
+    s3: str | None = None,
+    **extra: str,
+) -> Iterator[tuple[int, list[Replica]]]:
+    """``hosts`` as replicas of one cluster (one port, one passive range, users in one SQLite file)."""
+    database = f"sqlite:///{tmp_path / 'users.db'}"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("FTP_GATEWAY_")} | {
+        "FTP_GATEWAY_DATABASE__URL": database,
+        "FTP_GATEWAY_PASSIVE__PORT_MIN": str(passive[0]),
+        "FTP_GATEWAY_PASSIVE__PORT_MAX": str(passive[1]),
+        "FTP_GATEWAY_PASSIVE__MASQUERADE_ADDRESS": "127.0.0.1",
+        "FTP_GATEWAY_PROXY_PROTOCOL__TRUSTED": '["127.0.0.1/32"]',
+        "FTP_GATEWAY_CLUSTER__REDIS_URL": redis_url,
+        "FTP_GATEWAY_CLUSTER__KEY_PREFIX": f"test-{uuid.uuid4().hex}",
+        "FTP_GATEWAY_ADMIN__LISTEN": "off",
+        "FTP_GATEWAY_LIMITS__FAILED_LOGIN_DELAY": "0",
+        "FTP_GATEWAY_TIMEOUTS__DATA_CONNECTION": "10",
+        "FTP_GATEWAY_LOG__LEVEL": "info",
+    }
+    if s3 is not None:
+        env |= {
+            "FTP_GATEWAY_STORAGE__DEFAULT_URI": f"s3://{S3_BUCKET}/users/{{username}}",
+            "FTP_GATEWAY_S3__ENDPOINT_URL": s3,
+            "FTP_GATEWAY_S3__ACCESS_KEY_ID": S3_CREDENTIALS["access_key_id"],
+            "FTP_GATEWAY_S3__SECRET_ACCESS_KEY": S3_CREDENTIALS["secret_access_key"],
+            "FTP_GATEWAY_S3__REGION": S3_CREDENTIALS["region"],
+        }
+    else:
+        env["FTP_GATEWAY_STORAGE__DEFAULT_URI"] = f"file://{tmp_path / 'data'}/{{username}}"
+    env |= {f"FTP_GATEWAY_{key.upper()}": value for key, value in extra.items()}
+    subprocess.run(
+        [*gateway_command(), "user", "add", "alice", "--password-stdin"],
+        input=b"secret\n",
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    port = free_port_on(["127.0.0.1", *hosts])
+    started: list[Replica] = []
+    try:
+        for index, host in enumerate(hosts):
+            started.append(Replica(host, port, env, tmp_path / f"replica-{index}.log"))
+        yield port, started
+    finally:
+        codes = [replica.stop() for replica in started]
+        assert codes == [0] * len(started), codes
+
+
+def session(port: int, client_ip: str, transfers: int, seed: int) -> list[tuple[str, str]]:
+    """Log in through the balancer from ``client_ip``, upload and download ``transfers`` files each; returns
+    (sha256 sent, sha256 read back) pairs."""
+    results = []
+    with ftplib.FTP(timeout=30, source_address=(client_ip, 0)) as ftp:
+        ftp.connect("127.0.0.1", port)
+        ftp.login("alice", "secret")
+        for number in range(transfers):
+            data = random_bytes(20_000 + (seed * 7919 + number * 104729) % 300_000, seed=seed * 100 + number)
+            name = f"s{seed}-{number}.bin"
+            ftp.storbinary(f"STOR {name}", io.BytesIO(data), blocksize=65536)
+            back = io.BytesIO()
+            ftp.retrbinary(f"RETR {name}", back.write)
+            results.append((sha256(data), sha256(back.getvalue())))
+    return results
+
+
+def test_three_replicas_one_passive_range(tmp_path: Path, redis_url: str, s3_endpoint: str) -> None:
+    low, high = free_passive_range(30)
+    with replicas(tmp_path, redis_url, (low, high), s3=s3_endpoint) as (port, started):
+        with balancing("127.0.0.1", port, range(low, high + 1), REPLICAS) as balancer:
+            with ThreadPoolExecutor(8) as pool:
+                sessions = [pool.submit(session, port, f"127.0.1.{n + 1}", 3, n) for n in range(100)]
+                results = [pair for future in sessions for pair in future.result()]
+            assert len(results) == 300
+            assert all(sent == back for sent, back in results)
+            elsewhere, total = balancer.landed_elsewhere()
+        assert total == 600
+        # Round robin over three replicas: about two data connections in three land away from their session.
+        assert elsewhere > total / 2, (elsewhere, total)
+        logs = "".join(replica.log.read_text() for replica in started)
+        assert "Traceback" not in logs
+
+
+def test_redis_down_serves_what_lands_on_its_own_replica(tmp_path: Path) -> None:
+    closed = free_port_on(["127.0.0.1"])  # nothing listens there
+    low, high = free_passive_range(10)
+    hosts = REPLICAS[:2]
+    no_redis = f"redis://127.0.0.1:{closed}/0"
+    # No balancer here: the client talks to the replicas themselves.
+    extra = {"proxy_protocol__trusted": "[]", "timeouts__data_connection": "2"}
+    with replicas(tmp_path, no_redis, (low, high), hosts, **extra) as (port, started):
+        for attempt in range(2):
+            # Straight to the first replica, data connection included: it works.
+            with ftplib.FTP(timeout=30) as ftp:
+                ftp.connect(hosts[0], port)
+                ftp.login("alice", "secret")
+                ftp.storbinary(f"STOR own{attempt}.bin", io.BytesIO(b"x" * 100_000))
+                assert ftp.size(f"own{attempt}.bin") == 100_000
+                # A data connection that lands on the other replica finds no registry: closed, logged.
+                ftp.sendcmd("TYPE I")
+                reply = ftp.sendcmd("EPSV")
+                data_port = int(reply.split("|")[3])
+                landed = socket.create_connection((hosts[1], data_port), timeout=10)
+                ftp.putcmd("RETR own0.bin")
+                assert landed.recv(1) == b""  # the other replica closed it
+                landed.close()
+                with pytest.raises(ftplib.error_temp, match="425"):
+                    ftp.getresp()  # the gateway's 150, then 425 when the own connection never comes
+                    ftp.getresp()
+        for replica in started:
+            assert replica.process.poll() is None
+        first, second = (replica.log.read_text() for replica in started)
+        assert first.count("cluster registry unreachable") == 1
+        assert "the registry is unreachable" in second
