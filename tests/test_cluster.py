@@ -15,11 +15,22 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.balancer import balancing, free_port_on
-from tests.helpers import S3_BUCKET, S3_CREDENTIALS, free_passive_range, missing, random_bytes, sha256
+from tests.helpers import (
+    S3_BUCKET,
+    S3_CREDENTIALS,
+    free_passive_range,
+    gateway_settings,
+    missing,
+    random_bytes,
+    running,
+    sha256,
+    wait_until,
+)
 
 REDIS_URL = os.environ.get("FTP_GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 REPLICAS = ("127.0.0.11", "127.0.0.12", "127.0.0.13")
@@ -186,3 +197,52 @@ def test_redis_down_serves_what_lands_on_its_own_replica(tmp_path: Path) -> None
         first, second = (replica.log.read_text() for replica in started)
         assert first.count("cluster registry unreachable") == 1
         assert "the registry is unreachable" in second
+
+
+def test_a_relayed_data_connection_is_counted_and_its_port_given_back(tmp_path: Path, redis_url: str) -> None:
+    """Two replicas in this process: the session on the first, its data connections made to the second."""
+    import redis
+
+    low, high = free_passive_range(5)
+    prefix = f"test-{uuid.uuid4().hex}"
+    common = {"passive": {"port_min": low, "port_max": high}, "cluster": {"redis_url": redis_url, "key_prefix": prefix}}
+    first = gateway_settings(tmp_path, listen="127.0.0.11:0", **common)
+    second = gateway_settings(tmp_path, listen="127.0.0.12:0", **common)
+    data = random_bytes(3_000_000, seed=5)
+    with running(first) as owner, running(second) as other:
+        owner.add_user("alice")
+        with ftplib.FTP(timeout=30) as ftp:
+            ftp.connect("127.0.0.11", owner.port)
+            ftp.login("alice", "secret")
+            for command in ("STOR x.bin", "RETR x.bin"):
+                port = int(ftp.sendcmd("EPSV").split("|")[3])
+                with socket.create_connection(("127.0.0.12", port), timeout=30) as conn:
+                    ftp.sendcmd("TYPE I")
+                    if command.startswith("STOR"):
+                        ftp.putcmd(command)
+                        assert ftp.getresp().startswith("150")
+                        conn.sendall(data)
+                        conn.shutdown(socket.SHUT_WR)
+                        assert conn.recv(1) == b""
+                    else:
+                        ftp.putcmd(command)
+                        assert ftp.getresp().startswith("150")
+                        back = b"".join(iter(lambda: conn.recv(1 << 16), b""))
+                        assert sha256(back) == sha256(data)
+                assert ftp.getresp().startswith("226")
+        assert sha256((owner.root_of("alice") / "x.bin").read_bytes()) == sha256(data)
+
+        def value(gw: Any, name: str, **labels: str) -> float:
+            assert gw.server is not None
+            return float(gw.server.metrics.registry.get_sample_value(name, labels) or 0)
+
+        assert value(other, "ftp_gateway_relayed_data_connections_total", role="sent") == 2
+        assert value(owner, "ftp_gateway_relayed_data_connections_total", role="received") == 2
+        assert value(other, "ftp_gateway_relayed_bytes_total", role="sent") >= 2 * len(data)
+        client = redis.Redis.from_url(redis_url)
+        wait_until(
+            lambda: value(owner, "ftp_gateway_passive_ports_in_use") == 0 and not client.keys(f"{prefix}:port:*"),
+            timeout=10,
+            what="the port given back, in the replica and in Redis",
+        )
+        client.close()
