@@ -147,7 +147,9 @@ def measure(work: Path, env: dict[str, str], label: str, size_mib: int, runs: in
         print(f"  {direction:5} own {own:8.0f}   relayed {relayed:8.0f}   ratio {relayed / own:.2f}x")
     gib = 2 * runs * size / (1 << 30)  # up and down, every run
     for path, (holder, relaying) in cpu.items():
-        print(f"  CPU per GiB moved, {path:8}: session's replica {holder / gib:.2f} s, relaying replica {relaying / gib:.2f} s")
+        print(
+            f"  CPU per GiB moved, {path:8}: session's replica {holder / gib:.2f} s, relaying replica {relaying / gib:.2f} s"
+        )
 
 
 async def make_bucket(endpoint: str) -> None:
@@ -199,7 +201,14 @@ def main() -> int:
             moto_port = free_port()
             endpoint = f"http://127.0.0.1:{moto_port}"
             moto = subprocess.Popen(
-                [sys.executable, str(Path(__file__).with_name("moto_server.py")), "-H", "127.0.0.1", "-p", str(moto_port)],
+                [
+                    sys.executable,
+                    str(Path(__file__).with_name("moto_server.py")),
+                    "-H",
+                    "127.0.0.1",
+                    "-p",
+                    str(moto_port),
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
