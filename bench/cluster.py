@@ -148,7 +148,8 @@ def measure(work: Path, env: dict[str, str], label: str, size_mib: int, runs: in
     gib = 2 * runs * size / (1 << 30)  # up and down, every run
     for path, (holder, relaying) in cpu.items():
         print(
-            f"  CPU per GiB moved, {path:8}: session's replica {holder / gib:.2f} s, relaying replica {relaying / gib:.2f} s"
+            f"  CPU per GiB moved, {path:8}: session's replica {holder / gib:.2f} s, "
+            f"relaying replica {relaying / gib:.2f} s"
         )
 
 
