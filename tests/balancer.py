@@ -21,8 +21,11 @@ from gateway.proxy_protocol import encode_v1, encode_v2
 
 
 class Balancer:
-    def __init__(self, host: str, control_port: int, passive: range, replicas: Sequence[str]) -> None:
+    def __init__(
+        self, host: str, control_port: int, passive: range, replicas: Sequence[str], *, headers: bool = True
+    ) -> None:
         self.host = host
+        self.headers = headers
         self.control_port = control_port
         self.passive = passive
         self.replicas = list(replicas)
@@ -41,6 +44,8 @@ class Balancer:
         return self
 
     def stop(self) -> None:
+        if self._loop.is_closed():
+            return
         asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
@@ -79,8 +84,8 @@ class Balancer:
         (self.control if port == self.control_port else self.data)[client[0]].append(index)
         replica = self.replicas[index]
         up_reader, up_writer = await asyncio.open_connection(replica, port)
-        header = (encode_v1 if port == self.control_port else encode_v2)(client, (self.host, port))
-        up_writer.write(header)
+        if self.headers:
+            up_writer.write((encode_v1 if port == self.control_port else encode_v2)(client, (self.host, port)))
         try:
             await asyncio.gather(_copy(reader, up_writer), _copy(up_reader, writer))
         finally:
@@ -106,8 +111,10 @@ async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 @contextlib.contextmanager
-def balancing(host: str, control_port: int, passive: range, replicas: Sequence[str]) -> Iterator[Balancer]:
-    balancer = Balancer(host, control_port, passive, replicas).start()
+def balancing(
+    host: str, control_port: int, passive: range, replicas: Sequence[str], *, headers: bool = True
+) -> Iterator[Balancer]:
+    balancer = Balancer(host, control_port, passive, replicas, headers=headers).start()
     try:
         yield balancer
     finally:

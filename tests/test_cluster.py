@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ftplib
 import io
 import os
@@ -246,3 +247,62 @@ def test_a_relayed_data_connection_is_counted_and_its_port_given_back(tmp_path: 
             what="the port given back, in the replica and in Redis",
         )
         client.close()
+
+
+def relayed_upload(owner_port: int, relay_host: str, name: str, data: bytes) -> str:
+    """Log in on 127.0.0.11, upload through a data connection made to ``relay_host``; the final reply."""
+    with ftplib.FTP(timeout=30) as ftp:
+        ftp.connect("127.0.0.11", owner_port)
+        ftp.login("alice", "secret")
+        ftp.sendcmd("TYPE I")
+        port = int(ftp.sendcmd("EPSV").split("|")[3])
+        with socket.create_connection((relay_host, port), timeout=30) as conn:
+            ftp.putcmd(f"STOR {name}")
+            reply = ftp.getresp()
+            if reply.startswith("150"):
+                with contextlib.suppress(OSError):
+                    conn.sendall(data)
+                    conn.shutdown(socket.SHUT_WR)
+        try:
+            return ftp.getresp() if reply.startswith("150") else reply
+        except ftplib.Error as exc:
+            return str(exc)
+
+
+def test_redis_outage_and_recovery_without_restart(
+    tmp_path: Path, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis reached through a forwarder on 127.0.0.2 that the test stops and starts again."""
+    if not redis_url.startswith("redis://127.0.0.1:6379"):
+        pytest.skip("the forwarder expects the test Redis on 127.0.0.1:6379")
+    low, high = free_passive_range(5)
+    cluster = {"redis_url": "redis://127.0.0.2:6379/0", "key_prefix": f"test-{uuid.uuid4().hex}", "claim_ttl": 3}
+    common = {"passive": {"port_min": low, "port_max": high}, "cluster": cluster, "timeouts": {"data_connection": 2}}
+    data = random_bytes(500_000, seed=9)
+    forwarder = balancing("127.0.0.2", 6379, range(0), ["127.0.0.1"], headers=False)
+    forwarder.__enter__()
+    try:
+        with (
+            running(gateway_settings(tmp_path, listen="127.0.0.11:0", **common)) as owner,
+            running(gateway_settings(tmp_path, listen="127.0.0.12:0", **common)),
+        ):
+            owner.add_user("alice")
+            assert relayed_upload(owner.port, "127.0.0.12", "before.bin", data).startswith("226")
+            forwarder.__exit__(None, None, None)
+            # Redis gone: the session's own replica still serves it; a relayed connection fails, logged.
+            assert relayed_upload(owner.port, "127.0.0.11", "own.bin", data).startswith("226")
+            assert relayed_upload(owner.port, "127.0.0.12", "lost.bin", data).startswith("425")
+            assert "cluster registry unreachable" in caplog.text
+            forwarder = balancing("127.0.0.2", 6379, range(0), ["127.0.0.1"], headers=False)
+            forwarder.__enter__()
+            wait_until(
+                lambda: caplog.text.count("cluster registry reachable again") >= 2,
+                timeout=15,
+                what="both replicas to find Redis again",
+            )
+            assert relayed_upload(owner.port, "127.0.0.12", "after.bin", data).startswith("226")
+        files = {path.name: path.read_bytes() for path in (tmp_path / "data" / "alice").iterdir()}
+        assert set(files) == {"before.bin", "own.bin", "after.bin"}
+        assert all(sha256(content) == sha256(data) for content in files.values())
+    finally:
+        forwarder.__exit__(None, None, None)
