@@ -306,3 +306,19 @@ def test_redis_outage_and_recovery_without_restart(
         assert all(sha256(content) == sha256(data) for content in files.values())
     finally:
         forwarder.__exit__(None, None, None)
+
+
+def test_serve_refuses_several_workers_in_cluster_mode(tmp_path: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("FTP_GATEWAY_")} | {
+        "FTP_GATEWAY_CLUSTER__REDIS_URL": "redis://127.0.0.1:6379/0",
+        "FTP_GATEWAY_DATABASE__URL": f"sqlite:///{tmp_path / 'users.db'}",
+    }
+    result = subprocess.run(
+        [*gateway_command(), "serve", "--listen", "127.0.0.1:0", "--workers", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "--workers 2 does not go with cluster.redis_url" in result.stderr
