@@ -235,9 +235,14 @@ class ClusterPorts:
         self._nodes = {node.decode() for node in results[2]}
 
     async def _beating(self) -> None:
+        """Every third of the claims' lifetime, for as long as the replica runs: an unexpected error is logged and
+        the next beat comes all the same (a heartbeat that stopped would let this replica's claims expire)."""
         while True:
             await asyncio.sleep(self._ttl_ms / 3000)
-            await self._beat()
+            try:
+                await self._beat()
+            except Exception:
+                logger.exception("cluster heartbeat failed")
 
     async def is_node(self, host: str) -> bool:
         """``host`` is a live replica's node address (it relays data connections here, with a PROXY header)."""
