@@ -156,6 +156,17 @@ def test_three_replicas_one_passive_range(tmp_path: Path, redis_url: str, s3_end
         with balancing("127.0.0.1", port, range(low, high + 1), REPLICAS) as balancer:
             with ThreadPoolExecutor(8) as pool:
                 sessions = [pool.submit(session, port, f"127.0.1.{n + 1}", 3, n) for n in range(100)]
+                failed = [(n, future.exception()) for n, future in enumerate(sessions) if future.exception()]
+                if failed:
+                    problems = [
+                        line
+                        for replica in started
+                        for line in replica.log.read_text().splitlines()
+                        if " WARNING " in line or " ERROR " in line
+                    ]
+                    raise AssertionError(
+                        f"{len(failed)} sessions failed, first {failed[:3]}; replicas: {problems[:20]}"
+                    )
                 results = [pair for future in sessions for pair in future.result()]
             assert len(results) == 300
             assert all(sent == back for sent, back in results)
