@@ -162,7 +162,7 @@ def test_three_replicas_one_passive_range(tmp_path: Path, redis_url: str, s3_end
                         line
                         for replica in started
                         for line in replica.log.read_text().splitlines()
-                        if " WARNING " in line or " ERROR " in line
+                        if "WARNING" in line or "ERROR" in line
                     ]
                     raise AssertionError(
                         f"{len(failed)} sessions failed, first {failed[:3]}; replicas: {problems[:20]}"
