@@ -34,6 +34,19 @@ async def test_stream_reader_internals() -> None:
     assert reader.at_eof()
 
 
+async def test_waiting_for_data_takes_nothing() -> None:
+    """PROXY protocol's optional header is looked for in the first bytes, which stay for the session otherwise."""
+    reader = asyncio.StreamReader()
+    waiting = asyncio.ensure_future(aioftp_compat.wait_for_data(reader))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    reader.feed_data(b"USER x\r\n")
+    await asyncio.wait_for(waiting, 1)
+    assert await reader.readline() == b"USER x\r\n"
+    reader.feed_eof()
+    await asyncio.wait_for(aioftp_compat.wait_for_data(reader), 1)  # the end counts too
+
+
 async def test_the_dispatcher_as_the_gateway_uses_it() -> None:
     """The gateway keys a session's state by the control connection's writer (what ``dispatcher`` is given, and
     what ``parse_command``'s stream carries), runs ``greeting`` first, ends a session when a handler returns

@@ -256,3 +256,18 @@ def test_headers_from_untrusted_addresses_are_refused(tmp_path: Path, first: Any
         session.login()
         assert "Connected from 127.0.0.1" in session.status()
         session.close()
+
+
+def test_optional_header(tmp_path: Path) -> None:
+    """``required = false``: a trusted peer may send a header or not."""
+    settings = gateway_settings(tmp_path, proxy_protocol={"trusted": ["127.0.0.1/32"], "required": False})
+    with running(settings) as gw:
+        gw.add_user("alice")
+        with_header = Session(gw.port, proxied("127.0.0.8"))
+        with_header.login()
+        assert "Connected from 127.0.0.8" in with_header.status()
+        with_header.close()
+        without = Session(gw.port)
+        without.login()
+        assert "Connected from 127.0.0.1" in without.status()
+        without.close()
