@@ -113,7 +113,7 @@ class ClusterPorts:
         cluster = settings.cluster
         if cluster.redis_url is None:
             raise ClusterError("cluster mode needs cluster.redis_url")
-        self.node = node_address(settings)
+        self.node = _canonical(node_address(settings))
         self._host = settings.listen_host
         self._ports = settings.passive.ports
         self._prefix = cluster.key_prefix
@@ -245,7 +245,9 @@ class ClusterPorts:
                 logger.exception("cluster heartbeat failed")
 
     async def is_node(self, host: str) -> bool:
-        """``host`` is a live replica's node address (it relays data connections here, with a PROXY header)."""
+        """``host`` is a live replica's node address (it relays data connections here, with a PROXY header). A
+        peer seen through a dual-stack listener (``::ffff:10.0.0.5``) is the replica that registered 10.0.0.5."""
+        host = _canonical(host)
         if host in self._nodes:
             return True
         if self._down:
@@ -334,7 +336,7 @@ class ClusterPorts:
             logger.warning("data connection on port %d from %s refused: %s", port, peer[0], exc)
             writer.close()
             return
-        from_replica = peer[0] in self._nodes and not self.policy.trusts(peer[0])
+        from_replica = _canonical(peer[0]) in self._nodes and not self.policy.trusts(peer[0])
         local = self._local.get(port)
         if local is not None:
             if from_replica:
@@ -397,6 +399,14 @@ class ClusterPorts:
             sock.close()
             owner.close()
             writer.close()
+
+
+def _canonical(host: str) -> str:
+    """An IP address in one spelling (IPv4-mapped IPv6 as IPv4); a host name as it is."""
+    try:
+        return str(plain_ip(host))
+    except ValueError:
+        return host
 
 
 def _is_ip(host: str) -> bool:
