@@ -68,7 +68,8 @@ for i, key in ipairs(KEYS) do
 end
 return n
 """
-# Threads for relays: two per relayed connection (one per direction), created as needed.
+# Threads for relays: two per relayed connection (one per direction), created as needed. Past 128 relays at once
+# a direction waits for a thread; the data connection's timeouts bound that wait.
 RELAY_THREADS = 256
 
 
