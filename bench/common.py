@@ -86,6 +86,12 @@ def start_gateway(
             [
                 *gateway_command(),
                 "serve",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--audit-log",
+                "off",
+                "--log-format",
+                "text",
                 "--listen",
                 "127.0.0.1:0",
                 "--database",

@@ -70,6 +70,12 @@ def start_gateway(work: Path) -> tuple[subprocess.Popen[bytes], str]:
         [
             *gateway_command(),
             "serve",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--audit-log",
+            "off",
+            "--log-format",
+            "text",
             "--listen",
             "127.0.0.1:0",
             "--database",

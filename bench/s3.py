@@ -165,7 +165,22 @@ def timed_hash(port: int, name: str) -> tuple[float, str]:
 def start_gateway(gateway: str, database: str, env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     low = free_port() % 10000 + 20000
     process = subprocess.Popen(
-        [gateway, "serve", "--listen", "127.0.0.1:0", "--database", database, "--passive-ports", f"{low}-{low + 49}"],
+        [
+            gateway,
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--audit-log",
+            "off",
+            "--log-format",
+            "text",
+            "--database",
+            database,
+            "--passive-ports",
+            f"{low}-{low + 49}",
+        ],
         stdout=subprocess.PIPE,
         env=env,
     )

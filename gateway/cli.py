@@ -98,6 +98,17 @@ def listen_address(text: str) -> str:
     return text
 
 
+def admin_address(text: str) -> str:
+    """``HOST:PORT``, ``unix:PATH`` or ``off``, checked as the ``admin.listen`` setting is."""
+    from gateway.config import AdminSettings
+
+    try:
+        AdminSettings(listen=text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT or off, got {text!r}") from exc
+    return text
+
+
 def port_range(text: str) -> tuple[int, int]:
     try:
         return parse_port_range(text)
@@ -151,6 +162,7 @@ def build_parser() -> Parser:
         metavar="SECONDS",
         help="on SIGTERM, how long running transfers may finish before they are aborted (default: 30)",
     )
+    _observability_options(serve)
     serve.set_defaults(func=cmd_serve)
 
     dev = commands.add_parser(
@@ -159,6 +171,7 @@ def build_parser() -> Parser:
     dev.add_argument("--listen", type=listen_address, metavar="HOST:PORT", help="control connection address")
     dev.add_argument("--data-dir", type=Path, metavar="DIR", help="keep the user database here (default: temporary)")
     dev.add_argument("--password-stdin", action="store_true", help="demo's password from stdin (default: generated)")
+    _observability_options(dev)
     dev.set_defaults(func=cmd_dev)
 
     check = commands.add_parser(
@@ -224,6 +237,19 @@ def build_parser() -> Parser:
         sub.add_argument("name")
         sub.set_defaults(func=func)
     return parser
+
+
+def _observability_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--admin-listen",
+        type=admin_address,
+        metavar="HOST:PORT|off",
+        help="admin HTTP endpoint (/healthz, /readyz, /metrics); port 0 picks one (default 127.0.0.1:9090)",
+    )
+    parser.add_argument(
+        "--log-format", choices=("json", "text", "auto"), help="log lines on stderr (auto: json unless a terminal)"
+    )
+    parser.add_argument("--audit-log", metavar="stdout|FILE|off", help="where audit events go (default stdout)")
 
 
 def _password_option(parser: argparse.ArgumentParser) -> None:
@@ -299,6 +325,15 @@ def settings_from(args: argparse.Namespace) -> Settings:
     }
     if cluster:
         overrides["cluster"] = cluster
+    if getattr(args, "admin_listen", None):
+        overrides["admin"] = {"listen": args.admin_listen}
+    log: dict[str, Any] = {}
+    if getattr(args, "log_format", None):
+        log["format"] = args.log_format
+    if getattr(args, "audit_log", None):
+        log["audit"] = args.audit_log
+    if log:
+        overrides["log"] = log
     return load_settings(config, overrides)
 
 
@@ -511,6 +546,7 @@ def cmd_user_delete(settings: Settings, args: argparse.Namespace) -> int:
 
 def serve(settings: Settings, ready: Callable[[GatewayServer], Awaitable[None]], *, reuse_port: bool = False) -> int:
     """Run a gateway until a signal; a port already in use or any start-up failure is one line."""
+    from gateway.admin import AdminListenError
     from gateway.server import serve_until_signalled
 
     async def started(server: GatewayServer) -> None:
@@ -530,6 +566,8 @@ def serve(settings: Settings, ready: Callable[[GatewayServer], Awaitable[None]],
             await serve_until_signalled(settings, started, reuse_port=reuse_port)
         except ClusterError as exc:
             raise CliError(str(exc)) from None
+        except AdminListenError as exc:
+            raise CliError(str(exc), EXIT_FAILURE) from None  # in use, as the control port: exit 1
         except OSError as exc:
             if exc.errno not in LISTEN_ERRNOS:
                 raise  # not the listening socket: a database or storage failure, reported by _run
@@ -555,9 +593,10 @@ async def warn_if_no_users(store: UserStore) -> None:
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     from gateway import workers
+    from gateway.admin import AdminListenError
     from gateway.server import format_address
 
-    gateway_log.configure(settings.log.level)
+    gateway_log.configure(settings.log.level, settings.log.format)
     if args.workers is not None:
         settings = settings.model_copy(update={"workers": args.workers})
     if settings.cluster.redis_url and settings.workers > 1:
@@ -566,16 +605,21 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         raise CliError(f"--workers {settings.workers} does not go with cluster.redis_url: run one process per replica")
     count = 1 if settings.cluster.redis_url else workers.worker_count(settings.workers)
 
-    def announce(port: int) -> None:
+    def announce(port: int, admin_url: str | None) -> None:
         if count > 1:
             logger.info("%d worker processes share the control port", count)
-        print(f"listening on ftp://{format_address(settings.listen_host, port)}", flush=True)
+        # One write for both lines, so that nothing printed by another thread (the audit log) comes between.
+        lines = f"listening on ftp://{format_address(settings.listen_host, port)}\n"
+        if admin_url is not None:
+            lines += f"admin on {admin_url}\n"
+        sys.stdout.write(lines)
+        sys.stdout.flush()
 
     if count == 1:
 
         async def ready(server: GatewayServer) -> None:
             await warn_if_no_users(server.user_manager.store)
-            announce(server.server_port)
+            announce(server.server_port, server.admin_url)
 
         return serve(settings, ready)
 
@@ -597,6 +641,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         return workers.serve_workers(settings, count, run_worker, announce)
     except workers.WorkersError as exc:
         raise CliError(str(exc)) from None
+    except AdminListenError as exc:
+        raise CliError(str(exc), EXIT_FAILURE) from None
     except OSError as exc:
         raise CliError(f"cannot listen on {settings.listen}: {os.strerror(exc.errno or 0)}", EXIT_FAILURE) from None
 
@@ -605,7 +651,7 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     from gateway import dev
 
     password = read_password(args) if args.password_stdin else secrets.token_urlsafe(12)
-    gateway_log.configure(settings.log.level)
+    gateway_log.configure(settings.log.level, settings.log.format)
     try:
         with dev.environment(settings, args.data_dir, bool(args.database)) as (dev_settings, endpoint):
             return serve(dev_settings, dev.when_ready(dev_settings, endpoint, password))

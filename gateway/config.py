@@ -138,14 +138,20 @@ class LogSettings(_Section):
 
 
 class AdminSettings(_Section):
-    # HOST:PORT of the admin HTTP endpoint (/healthz, /readyz, /metrics); port 0 picks a free one; "off": none.
+    # HOST:PORT of the admin HTTP endpoint (/healthz, /readyz, /metrics); port 0 picks a free one; "off": none;
+    # "unix:PATH": a unix socket (what ``serve --workers`` gives each worker).
     listen: str = "127.0.0.1:9090"
 
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
-        if value != "off":
-            parse_host_port(value)
+        if value == "off":
+            return value
+        if value.startswith("unix:"):
+            if not value.removeprefix("unix:"):
+                raise ValueError("unix: needs a socket path")
+            return value
+        parse_host_port(value)
         return value
 
 

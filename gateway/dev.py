@@ -7,6 +7,7 @@ memory, so the files are gone when the command stops; the users stay in ``--data
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -123,4 +124,6 @@ def announce(server: GatewayServer, settings: Settings, endpoint: str, password:
         flush=True,
     )
     print(f"try: curl -T somefile ftp://{DEMO_USER}:{password}@{address}/", flush=True)
-    print(f"listening on ftp://{address}", flush=True)
+    admin = f"admin on {server.admin_url}\n" if server.admin_url else ""
+    sys.stdout.write(f"listening on ftp://{address}\n{admin}")
+    sys.stdout.flush()

@@ -3,11 +3,16 @@
 One :class:`Metrics` per server, never prometheus-client's global registry: two servers in one process (the tests)
 or two replicas count apart. Label values come from small fixed sets (verbs the server knows, reply classes,
 directions, backends, results, S3 operations): never a user name, a path or an address.
+
+Handlers call the intent-named methods (:meth:`Metrics.login`, :meth:`Metrics.transfer` ...), never the metric
+objects. The S3 backend reports through :meth:`Metrics.s3_request`, :meth:`Metrics.multipart_started` and
+:meth:`Metrics.multipart_ended`: the observer it is given (``pathio_backends.resources.StorageObserver``), so
+``pathio_backends`` never imports the gateway.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 # Transfers last from milliseconds (small files) to hours (large files over slow links).
 TRANSFER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
@@ -83,3 +88,59 @@ class Metrics:
         self.draining = Gauge(
             "ftp_gateway_draining", "1 while the server drains before it stops (SIGTERM).", registry=r
         )
+        # CPU, memory and open files of this process (process_*): read from /proc at each scrape.
+        ProcessCollector(registry=r)
+        for result in LOGIN_RESULTS:
+            self.logins.labels(result)
+        for direction in DIRECTIONS:
+            for backend in BACKENDS:
+                self.transfer_duration.labels(direction, backend)
+                for result in TRANSFER_RESULTS:
+                    self.transfers.labels(direction, backend, result)
+                    self.transfer_bytes.labels(direction, backend, result)
+
+    # -- what handlers call ------------------------------------------------------------------------------
+
+    def session_opened(self) -> None:
+        self.sessions_open.inc()
+
+    def session_closed(self) -> None:
+        self.sessions_open.dec()
+
+    def login(self, result: str) -> None:
+        """``result``: one of :data:`LOGIN_RESULTS`."""
+        self.logins.labels(result).inc()
+
+    def command(self, verb: str, code: str) -> None:
+        """A command answered with ``code``; ``verb`` is one the server knows or ``other``."""
+        self.commands.labels(verb.upper() if verb != OTHER_VERB else OTHER_VERB, code[:1] + "xx").inc()
+
+    def transfer(self, direction: str, backend: str, result: str, nbytes: int, seconds: float) -> None:
+        self.transfers.labels(direction, backend, result).inc()
+        self.transfer_bytes.labels(direction, backend, result).inc(nbytes)
+        self.transfer_duration.labels(direction, backend).observe(seconds)
+
+    def passive_port_taken(self) -> None:
+        self.passive_ports_in_use.inc()
+
+    def passive_port_given_back(self) -> None:
+        self.passive_ports_in_use.dec()
+
+    # -- pathio_backends.resources.StorageObserver ----------------------------------------------------------
+
+    def s3_request(self, operation: str, outcome: str, seconds: float) -> None:
+        self.s3_requests.labels(operation, outcome).inc()
+        self.s3_request_duration.labels(operation).observe(seconds)
+
+    def multipart_started(self) -> None:
+        self.s3_multipart_uploads.inc()
+
+    def multipart_ended(self) -> None:
+        self.s3_multipart_uploads.dec()
+
+
+LOGIN_RESULTS = ("success", "failure", "refused")
+DIRECTIONS = ("upload", "download")
+BACKENDS = ("file", "s3")
+TRANSFER_RESULTS = ("ok", "aborted", "failed")
+OTHER_VERB = "other"

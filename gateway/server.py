@@ -9,9 +9,14 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
 
 import aioftp
 
+from gateway import admin
 from gateway.commands.basic import ALIASES, NEEDS_ARGUMENT, PUBLIC_VERBS, BasicCommands
 from gateway.commands.checksums import ChecksumCommands
 from gateway.commands.control import ControlConnection
@@ -24,7 +29,7 @@ from gateway.config import Settings
 from gateway.datachannel import DataChannel, client_or_close, peer_of
 from gateway.drain import REFUSED_WHILE_DRAINING, drain, refuse_transfer
 from gateway.errors import Handler, command_errors
-from gateway.log import session_context
+from gateway.log import log_context
 from gateway.session import SessionState
 from gateway.users.db import create_engine, display_url, ensure_schema
 from gateway.users.facts import DatabaseObjectFacts
@@ -34,6 +39,25 @@ from gateway.users.store import UserStore
 from pathio_backends import BackendResources
 
 logger = logging.getLogger(__name__)
+
+# Commands whose outcome is an audit event, and the event's name.
+AUDITED = {"dele": "delete", "rmd": "rmdir", "xrmd": "rmdir", "mkd": "mkdir", "xmkd": "mkdir", "rnto": "rename"}
+# Transfers: audited by their worker once they started (``TransferWatch``), here when refused before the 150.
+TRANSFERS = {"stor": "upload", "appe": "upload", "stou": "upload", "retr": "download"}
+
+
+@dataclass(slots=True)
+class CommandRecord:
+    """The command a task runs, and its first reply other than a 1xx (what it is counted and audited with).
+    A transfer's worker inherits it, so STOR counts with its final 226, 426 or 451."""
+
+    verb: str
+    code: str | None = None
+    # A 1xx reply went out (a transfer started).
+    preliminary: bool = False
+
+
+current_command: ContextVar[CommandRecord | None] = ContextVar("ftp_gateway_command", default=None)
 
 
 class GatewayServer(
@@ -60,6 +84,7 @@ class GatewayServer(
     def _command(self, verb: str, handler: Handler) -> Handler:
         """What every command goes through, from the outside in: the session's log context; one command at a time
         per session, in the order they arrived; errors as replies (``errors.command_errors``); :func:`gate`.
+        Its reply is counted (``commands`` metric) and, for changes, audited.
 
         aioftp's dispatcher starts a task per command as soon as it is read, so when a client sends several
         commands at once (lftp and curl pipeline), a slow one (PASV opening a port) could answer after a fast
@@ -69,17 +94,89 @@ class GatewayServer(
         """
         guarded = command_errors(verb, gate(verb, handler, self.session))
         refused_while_draining = verb in REFUSED_WHILE_DRAINING
+        audited = verb in AUDITED or verb in TRANSFERS or verb == "rnfr"
 
         @functools.wraps(handler)
         async def command(connection: aioftp.Connection, rest: str) -> bool:
             session = self.session(connection)
-            session_context.set(session.describe())
+            log_context.set(session.log_context())
+            record = None
+            if not verb.startswith(" "):  # parse_command's pseudo-verbs (end of the connection ...) are not commands
+                self._count_replies(connection, session)
+                record = CommandRecord(verb)
+                current_command.set(record)
             async with session.command_lock:
                 if refused_while_draining and self.draining:
                     return refuse_transfer(connection, session)
-                return await guarded(connection, rest)
+                if record is None or not audited:
+                    return await guarded(connection, rest)
+                path = self._virtual_path(connection, session, rest)
+                source = session.rename_from
+                keep = await guarded(connection, rest)
+                self._audit(verb, record, session, path, source)
+                return keep
 
         return command
+
+    def _count_replies(self, connection: aioftp.Connection, session: SessionState) -> None:
+        """Count each command's first reply other than a 1xx, once per session: aioftp gives handlers a
+        ``response`` function on the connection, which is wrapped here."""
+        if session.replies_counted:
+            return
+        session.replies_counted = True
+        send = connection.response
+        metrics = self.metrics
+
+        def response(code: str, *args: Any) -> None:
+            record = current_command.get()
+            if record is not None and code.startswith("1"):
+                record.preliminary = True
+            elif record is not None and record.code is None:
+                record.code = code
+                metrics.command(record.verb, code)
+            send(code, *args)
+
+        connection.response = response
+
+    def _virtual_path(self, connection: aioftp.Connection, session: SessionState, rest: str) -> PurePosixPath | None:
+        if session.user is None or not rest.strip():
+            return None
+        try:
+            return PurePosixPath(self.get_paths(connection, rest)[1])
+        except Exception:  # noqa: BLE001 - the handler answers a path it cannot use; there is then nothing to audit
+            return None
+
+    def _audit(
+        self,
+        verb: str,
+        record: CommandRecord,
+        session: SessionState,
+        path: PurePosixPath | None,
+        source: PurePosixPath | None,
+    ) -> None:
+        """After a command that changes files or may start a transfer: its audit event. RNFR only keeps its path
+        for RNTO's event; a transfer that started (a 1xx went out) is its worker's to audit."""
+        if verb == "rnfr":
+            session.rename_from = path if record.code == "350" else None
+            return
+        if path is None or session.user is None or record.code is None:
+            return
+        if verb in TRANSFERS:
+            if not record.preliminary:
+                code = record.code
+                self.audit.event(TRANSFERS[verb], path=str(path), bytes=0, duration=0.0, result="failed", code=code)
+            return
+        if verb == "rnto":
+            session.rename_from = None
+        self._audit_change(AUDITED[verb], record, path, source if verb == "rnto" else None)
+
+    def _audit_change(
+        self, event: str, record: CommandRecord, path: PurePosixPath, source: PurePosixPath | None
+    ) -> None:
+        code = record.code or "451"
+        fields: dict[str, Any] = {"from": str(source), "to": str(path)} if event == "rename" else {"path": str(path)}
+        ok = code.startswith("2")
+        self.audit.event(event, **fields, result="ok" if ok else "failed", **({} if ok else {"code": code}))
 
     async def dispatcher(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """aioftp's dispatcher, run as it is, with the session's state around it: made when the control
@@ -108,7 +205,10 @@ class GatewayServer(
             connect_timeout=self.settings.timeouts.data_connection,
             socket_timeout=self.settings.timeouts.socket,
         )
-        self.sessions[writer] = SessionState(client_host=host, client_port=port, data=data)
+        session = SessionState(client_host=host, client_port=port, data=data)
+        self.sessions[writer] = session
+        log_context.set(session.log_context())
+        self.metrics.session_opened()
         try:
             await super().dispatcher(reader, writer)
         except asyncio.CancelledError:
@@ -116,6 +216,7 @@ class GatewayServer(
         finally:
             del self.sessions[writer]
             data.release()
+            self.metrics.session_closed()
             if self.draining and not self.sessions:
                 self.sessions_closed.set()
 
@@ -189,15 +290,27 @@ async def running_gateway(settings: Settings, *, reuse_port: bool = False) -> As
         passwords = Passwords()
         stack.callback(passwords.close)
         server = GatewayServer(settings, DatabaseUserManager(store, settings, resources, passwords))
+        resources.observer = server.metrics
         if server.pump is not None:
             stack.callback(server.pump.close)
         if settings.cluster.redis_url:
             from gateway.cluster import ClusterPorts  # redis is imported only by replicas of a cluster
 
             server.passive_ports = await stack.enter_async_context(ClusterPorts(settings, server.metrics))
+        # Written until the last session has ended (closed after the server, so entered before it).
+        stack.enter_context(server.audit)
+        readiness = admin.Readiness(
+            [
+                ("database", admin.database_check(engine)),
+                ("storage", admin.storage_check(settings.storage.default_uri, resources)),
+            ],
+            lambda: server.draining,
+        )
         if reuse_port:
             await server.start(settings.listen_host, settings.listen_port, reuse_port=True)
         else:
             await server.start(settings.listen_host, settings.listen_port)
         stack.push_async_callback(server.close)
+        app = admin.make_app(readiness, server.metrics.registry)
+        server.admin_url = await stack.enter_async_context(admin.admin_endpoint(settings.admin.listen, app))
         yield server

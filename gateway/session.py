@@ -10,10 +10,13 @@ is accepted and closes it when the connection ends.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Literal
 
 from gateway.datachannel import DataChannel
+from gateway.log import LogContext
 from gateway.users.manager import GatewayUser
 from pathio_backends.base import TransactionalPathIO
 
@@ -28,6 +31,8 @@ class SessionState:
     client_host: str
     client_port: int
     data: DataChannel
+    # Short and unique enough to find one session's lines among many (logs and audit events carry it).
+    session_id: str = field(default_factory=lambda: secrets.token_hex(4))
     # Commands run one at a time, in the order they came (``server.in_order``); transfers run outside it.
     command_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Transfer workers running (their 150 sent, their 226 not yet): they keep an idle session open.
@@ -47,6 +52,10 @@ class SessionState:
     read_deadline: asyncio.Timeout | None = None
     # Draining: the session was handed its closing pseudo-command (``control.DRAIN``) and is waiting for it to run.
     closing: bool = False
+    # The FTP path RNFR named (aioftp keeps only the storage's path), for RNTO's audit event.
+    rename_from: PurePosixPath | None = None
+    # The replies of this session's commands are counted (``GatewayServer._command``).
+    replies_counted: bool = False
 
     @property
     def path_io(self) -> TransactionalPathIO:
@@ -74,7 +83,11 @@ class SessionState:
         offset, self.restart_offset = self.restart_offset, 0
         return offset
 
+    def log_context(self) -> LogContext:
+        """The session for the log and the audit log (the USER name before PASS)."""
+        name = self.user.login if self.user is not None else self.login_name
+        return LogContext(self.session_id, self.client_host, self.client_port, name)
+
     def describe(self) -> str:
         """``host:port user`` for the log (the USER name before PASS)."""
-        name = self.user.login if self.user is not None else self.login_name
-        return f"{self.client_host}:{self.client_port} {name or '-'}"
+        return self.log_context().describe()

@@ -8,7 +8,10 @@ The gateway is CPU-bound on small files (a Python process uses one core), so ``s
 * the parent only starts them, prints ``listening on`` once all listen, passes SIGTERM/SIGINT on as SIGTERM (each
   one: the first starts every worker's drain, a second cuts it short; the workers ignore SIGINT themselves), exits 0
   once all of them have drained, and stops all of them (exit code 1) when one dies on its own, for the service
-  manager or Kubernetes to restart.
+  manager or Kubernetes to restart;
+* the parent serves the admin endpoint (``admin.listen``) from the workers' own, each on a unix socket in a
+  private directory (``gateway.admin_parent``): ``/readyz`` is ready when every worker is, ``/metrics`` has every
+  worker's metrics with a ``worker`` label.
 
 What a worker keeps to itself (README, "Several worker processes"): a user's ``max_sessions`` and speed limits,
 the verified-password cache, and ``limits.max_connections`` (a set value is divided among the workers). The
@@ -20,10 +23,13 @@ from __future__ import annotations
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.config import PassiveSettings, Settings
@@ -62,9 +68,11 @@ def passive_slices(passive: PassiveSettings, count: int) -> list[tuple[int, int]
     return slices
 
 
-def worker_settings(settings: Settings, port: int, passive: tuple[int, int], count: int) -> Settings:
+def worker_settings(
+    settings: Settings, port: int, passive: tuple[int, int], count: int, admin_socket: str | None = None
+) -> Settings:
     """One worker's settings: the control port all of them share, its passive slice, its share of a set
-    ``max_connections``."""
+    ``max_connections``, its admin endpoint on ``admin_socket`` (None: none)."""
     limits = settings.limits
     if limits.max_connections is not None:
         limits = limits.model_copy(update={"max_connections": max(1, -(-limits.max_connections // count))})
@@ -75,6 +83,7 @@ def worker_settings(settings: Settings, port: int, passive: tuple[int, int], cou
             "listen": listen,
             "passive": settings.passive.model_copy(update={"port_min": passive[0], "port_max": passive[1]}),
             "limits": limits,
+            "admin": settings.admin.model_copy(update={"listen": f"unix:{admin_socket}" if admin_socket else "off"}),
         }
     )
 
@@ -103,12 +112,23 @@ def serve_workers(
     settings: Settings,
     count: int,
     run_worker: Callable[[Settings, Callable[[GatewayServer], Awaitable[None]]], int],
-    announce: Callable[[int], None],
+    announce: Callable[[int, str | None], None],
 ) -> int:
-    """Fork ``count`` workers, each ``run_worker(its settings, ready)``; ``announce(port)`` once all listen.
-    Returns the exit code: 0 after a signal stopped them, 1 when one failed."""
+    """Fork ``count`` workers, each ``run_worker(its settings, ready)``; ``announce(port, admin URL)`` once all
+    listen. Returns the exit code: 0 after a signal stopped them, 1 when one failed."""
+    from gateway import admin_parent
+
     slices = passive_slices(settings.passive, count)
-    reserved = reserve_port(settings.listen_host, settings.listen_port)
+    admin_sock = admin_parent.bind(settings.admin.listen) if settings.admin.listen != "off" else None
+    try:
+        reserved = reserve_port(settings.listen_host, settings.listen_port)
+    except OSError:
+        if admin_sock is not None:
+            admin_sock.close()
+        raise
+    admin_dir = Path(tempfile.mkdtemp(prefix="ftp-gateway-admin-")) if admin_sock is not None else None
+    sockets = [admin_parent.worker_socket(admin_dir, i) for i in range(count)] if admin_dir is not None else []
+    admin: admin_parent.WorkersAdmin | None = None
     port = reserved.getsockname()[1]
     ready_read, ready_write = os.pipe()
     children: dict[int, int] = {}
@@ -133,8 +153,11 @@ def serve_workers(
                     # must not count it as well, or the drain would take it for the second, aborting signal.
                     signal.signal(signal.SIGINT, signal.SIG_IGN)
                     reserved.close()
+                    if admin_sock is not None:
+                        admin_sock.close()
                     os.close(ready_read)
-                    code = _worker(index, worker_settings(settings, port, passive, count), run_worker, ready_write)
+                    own = worker_settings(settings, port, passive, count, sockets[index] if sockets else None)
+                    code = _worker(index, own, run_worker, ready_write)
                 finally:
                     sys.stdout.flush()
                     sys.stderr.flush()
@@ -145,7 +168,12 @@ def serve_workers(
             stopping = True
             return _stop(children, 1)
         reserved.close()
-        announce(port)
+        if admin_sock is not None:
+            admin = admin_parent.WorkersAdmin(admin_sock, sockets, lambda: stopping)
+            admin_url: str | None = admin.start()
+        else:
+            admin_url = None
+        announce(port, admin_url)
         while children:
             pid, status = os.wait()
             index = children.pop(pid)
@@ -160,6 +188,12 @@ def serve_workers(
         os.close(ready_read)
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if admin is not None:
+            admin.stop()
+        elif admin_sock is not None:
+            admin_sock.close()
+        if admin_dir is not None:
+            shutil.rmtree(admin_dir, ignore_errors=True)
 
 
 def _worker(

@@ -134,7 +134,7 @@ def _probe_directory(path: str, write: bool) -> str:
 async def _probe_s3(bucket: str, prefix: str, resources: BackendResources, write: bool) -> str:
     from pathio_backends.s3.client import S3Context
 
-    ctx = S3Context(resources.s3_settings, resources.s3, None, bucket, prefix)
+    ctx = S3Context(resources.s3_settings, resources.s3, None, bucket, prefix, resources.observer)
     await ctx.call("head_bucket")
     if not write:
         return "reachable"

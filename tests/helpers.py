@@ -128,6 +128,9 @@ def gateway_settings(
         "passive": {"port_min": low, "port_max": high},
         "limits": {"failed_login_delay": 0},
         "timeouts": {"data_connection": 10, "socket": 10},
+        # Never the default 127.0.0.1:9090, which two gateways at once would both want.
+        "admin": {"listen": "127.0.0.1:0"},
+        "log": {"audit": "off"},
     }
     for key, value in overrides.items():
         if isinstance(value, dict):

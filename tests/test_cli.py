@@ -209,8 +209,8 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
         input="pw\n", text=True, check=True, env=env, capture_output=True,
     )  # fmt: skip
     process = subprocess.Popen(
-        [*gateway_command(), "serve", "--listen", "127.0.0.1:0", "--database", database,
-         "--passive-ports", "31100-31199", "--storage", f"file://{tmp_path}/data/{{username}}"],
+        [*gateway_command(), "serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+         "--database", database, "--passive-ports", "31100-31199", "--storage", f"file://{tmp_path}/data/{{username}}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     assert process.stdout is not None
@@ -242,7 +242,8 @@ def test_serve_prints_its_port_serves_and_stops_on_sigterm(
 def test_serve_port_in_use_is_one_line(tmp_path: Path, served: tuple[subprocess.Popen[str], int]) -> None:
     _, port = served
     result = subprocess.run(
-        [*gateway_command(), "serve", "--listen", f"127.0.0.1:{port}", "--database", f"sqlite:///{tmp_path / 'x.db'}"],
+        [*gateway_command(), "serve", "--admin-listen", "127.0.0.1:0", "--listen", f"127.0.0.1:{port}",
+         "--database", f"sqlite:///{tmp_path / 'x.db'}"],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert result.returncode == 1
@@ -255,7 +256,16 @@ def test_serve_port_in_use_is_one_line(tmp_path: Path, served: tuple[subprocess.
 def test_postgres_schema_is_checked_and_upgraded(tmp_path: Path) -> None:
     with scratch_postgres() as url:
         plain = url.replace("postgresql+asyncpg://", "postgresql://")
-        command = [*gateway_command(), "serve", "--listen", "127.0.0.1:0", "--database", plain]
+        command = [
+            *gateway_command(),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--database",
+            plain,
+        ]
         refused = subprocess.run(command, capture_output=True, text=True, timeout=30)
         assert refused.returncode == 2
         assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
@@ -279,7 +289,10 @@ def test_postgres_schema_is_checked_and_upgraded(tmp_path: Path) -> None:
     ("argv", "message"),
     [
         (["user", "list"], "database unavailable"),
-        (["serve", "--listen", "127.0.0.1:0"], "cannot start"),  # not "cannot listen": the address is fine
+        (
+            ["serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+            "cannot start",
+        ),  # not "cannot listen": the address is fine
     ],
 )
 def test_unreachable_database_is_one_line_exit_1(argv: list[str], message: str) -> None:

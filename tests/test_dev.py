@@ -14,7 +14,14 @@ import boto3
 
 
 def test_dev_serves_onto_its_own_s3(tmp_path: Path) -> None:
-    command = [str(Path(sys.executable).with_name("ftp-gateway")), "dev", "--listen", "127.0.0.1:0"]
+    command = [
+        str(Path(sys.executable).with_name("ftp-gateway")),
+        "dev",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]
     process = subprocess.Popen(
         [*command, "--data-dir", str(tmp_path / "dev")],
         stdout=subprocess.PIPE,

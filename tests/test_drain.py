@@ -95,7 +95,7 @@ def serve(tmp_path: Path, backend: str, endpoint: str | None, *extra: str) -> It
     log = tmp_path / "serve.log"
     with log.open("w") as stderr:
         process = subprocess.Popen(
-            [gateway(), "serve", "--listen", "127.0.0.1:0", "--database", database,
+            [gateway(), "serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--database", database,
              "--passive-ports", f"{low}-{high}", "--storage", storage, *extra],
             stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
         )  # fmt: skip

@@ -238,7 +238,8 @@ def test_listing_100000_keys_streams_with_bounded_memory(tmp_path: Path, s3_endp
         input="pw\n", text=True, check=True, env=env, capture_output=True,
     )  # fmt: skip
     process = subprocess.Popen(
-        [*command, "serve", "--listen", "127.0.0.1:0", "--passive-ports", "31300-31349", "--database", database],
+        [*command, "serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+         "--passive-ports", "31300-31349", "--database", database],
         stdout=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     try:

@@ -46,8 +46,8 @@ def workers(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int, tuple[
     )  # fmt: skip
     low, high = free_passive_range(10)
     process = subprocess.Popen(
-        [gateway(), "serve", "--workers", str(WORKERS), "--listen", "127.0.0.1:0", "--database", database,
-         "--passive-ports", f"{low}-{high}", "--storage", f"file://{tmp_path}/data/{{username}}"],
+        [gateway(), "serve", "--workers", str(WORKERS), "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+         "--database", database, "--passive-ports", f"{low}-{high}", "--storage", f"file://{tmp_path}/data/{{username}}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     assert process.stdout is not None and process.stderr is not None
@@ -111,8 +111,8 @@ def test_a_dead_worker_stops_the_others_with_exit_1(
 
 def test_more_workers_than_passive_ports_is_one_line(tmp_path: Path) -> None:
     result = subprocess.run(
-        [gateway(), "serve", "--workers", "4", "--listen", "127.0.0.1:0", "--passive-ports", "41000-41002",
-         "--database", f"sqlite:///{tmp_path / 'users.db'}"],
+        [gateway(), "serve", "--workers", "4", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+         "--passive-ports", "41000-41002", "--database", f"sqlite:///{tmp_path / 'users.db'}"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 2

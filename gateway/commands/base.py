@@ -24,6 +24,7 @@ import aioftp
 from aioftp.common import StreamThrottle
 
 from gateway import runtime
+from gateway.audit import AuditLog
 from gateway.config import Settings
 from gateway.datachannel import PassivePorts, Ports
 from gateway.errors import answer, transfer_errors, unwrap
@@ -96,6 +97,10 @@ class CommandBase(aioftp.Server):
         # ``running_gateway`` when ``cluster.redis_url`` is set).
         self.passive_ports: Ports = PassivePorts(settings.passive.ports, self.proxy_policy)
         self.metrics.passive_ports_in_use.set_function(lambda: self.passive_ports.in_use)
+        # Audit events (login, transfers, changes); written once ``running_gateway`` has entered it.
+        self.audit = AuditLog(settings.log.audit)
+        # The admin endpoint's URL once it serves (None: admin.listen = "off").
+        self.admin_url: str | None = None
         # One per control connection, keyed by its writer: made and dropped by ``GatewayServer.dispatcher``.
         self.sessions: dict[asyncio.StreamWriter, SessionState] = {}
         # One throttle per user object, shared by its sessions; weakly keyed, so it goes with its last session.

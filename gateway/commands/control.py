@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import aioftp
 
 from gateway.commands.base import CommandBase
+from gateway.metrics import OTHER_VERB
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,9 @@ class ControlConnection(CommandBase):
         verb, _, rest = text.rstrip("\r\n").partition(" ")
         verb = verb.lower()
         logger.debug("%s %s", verb.upper(), "***" if verb in censor_commands else rest)
+        if verb not in self.commands_mapping:
+            # aioftp's dispatcher answers it 502; counted under one label whatever the client sent.
+            self.metrics.command(OTHER_VERB, "502")
         return verb, rest
 
     async def write_response(

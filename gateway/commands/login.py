@@ -14,7 +14,7 @@ import aioftp
 from aioftp.common import StreamThrottle
 
 from gateway.commands.base import CommandBase
-from gateway.log import session_context
+from gateway.log import log_context
 from gateway.session import SessionState
 from gateway.users.manager import GatewayUser, UserDatabaseUnavailable
 
@@ -29,7 +29,7 @@ class LoginCommands(CommandBase):
             connection.response("530", "Can't change to another user.")
             return True
         session.login_name = rest
-        session_context.set(session.describe())
+        log_context.set(session.log_context())
         connection.response("331", "Password required.")
         return True
 
@@ -45,10 +45,13 @@ class LoginCommands(CommandBase):
         try:
             outcome = await self.user_manager.login(name, rest)
         except UserDatabaseUnavailable:
+            self._login_refused(name, "421", "user database unreachable")
             connection.response("421", "Service not available: user database unreachable; try again later.")
             return False
         if outcome.user is None:
             logger.warning("login refused for %r: %s", name, outcome.reason)
+            self.metrics.login("failure")
+            self.audit.event("login", user=name, result="failed", code="530")
             return await self._login_failed(connection, session)
         user = outcome.user
         try:
@@ -58,20 +61,30 @@ class LoginCommands(CommandBase):
         except Exception as exc:
             logger.error("login of %r refused: storage %s unavailable: %r", name, user.storage.uri, exc)
             session.login_name = None
+            self._login_refused(name, "530", "storage unavailable")
             connection.response("530", "Login refused: storage unavailable.")
             return True
         if not self.user_manager.acquire(user):
             logger.warning("login refused for %r: all %s sessions in use", name, user.maximum_connections)
             session.login_name = None
+            self._login_refused(name, "530", "too many sessions")
             connection.response("530", f"Too many sessions for this user (at most {user.maximum_connections}).")
             return True
         self._begin_session(connection, session, user)
         connection.current_directory = await self._home(connection, session, user)
         await self.user_manager.record_login(user, outcome)
-        session_context.set(session.describe())
+        log_context.set(session.log_context())
         logger.info("logged in")
+        self.metrics.login("success")
+        self.audit.event("login", user=name, result="ok")
         connection.response("230", "Login successful.")
         return True
+
+    def _login_refused(self, name: str, code: str, reason: str) -> None:
+        """A right password that still cannot log in (a limit, the storage, the database): counted apart from
+        wrong passwords, which an alert on guessing looks at."""
+        self.metrics.login("refused")
+        self.audit.event("login", user=name, result="failed", code=code, reason=reason)
 
     async def _login_failed(self, connection: aioftp.Connection, session: SessionState) -> bool:
         session.login_name = None

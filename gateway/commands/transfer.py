@@ -16,8 +16,9 @@ import os
 import socket
 import stat
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import PurePosixPath
+from typing import TypeVar
 
 import aioftp
 from aioftp.common import ThrottleStreamIO
@@ -25,11 +26,12 @@ from aioftp.common import ThrottleStreamIO
 from gateway import aioftp_compat
 from gateway.commands.base import LOGGED_IN, CommandBase, checks, data_channel_ready
 from gateway.datachannel import AsciiConverter, BlockReceiver, send
-from gateway.errors import DataConnectionError, RestartOffsetError
+from gateway.errors import DataConnectionError, RestartOffsetError, reply_for
 from gateway.session import SessionState
 from pathio_backends.base import Download, Upload
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class TransferCommands(CommandBase):
@@ -61,11 +63,13 @@ class TransferCommands(CommandBase):
             if offset > st.st_size:
                 raise RestartOffsetError(offset, st.st_size)
 
+        watch = TransferWatch(self, session, "upload", virtual_path)
+
         async def receive(upload: Upload) -> None:
             try:
                 started = time.monotonic()
                 async with await session.data.connect(connection.command_connection.throttles) as stream:
-                    received = await self._receive(session, stream, upload)
+                    received = watch.bytes = await self._receive(session, stream, upload)
                 # Looked at once the data connection is closed (work done anyway, during which a dying client's
                 # last sockets close too), then watched for a share of the upload's duration.
                 grace = min(settings.close_grace, settings.close_grace_fraction * (time.monotonic() - started))
@@ -86,7 +90,7 @@ class TransferCommands(CommandBase):
             "APPE" if mode == "ab" else "STOR",
             lambda: begin(real_path, offset=offset, append=mode == "ab"),
             ready,
-            receive,
+            watch.running(receive),
         )
         return True
 
@@ -145,10 +149,12 @@ class TransferCommands(CommandBase):
         if offset > st.st_size:
             raise RestartOffsetError(offset, st.st_size)
 
+        watch = TransferWatch(self, session, "download", virtual_path)
+
         async def send_file(download: Download) -> None:
             try:
                 async with await session.data.connect(connection.command_connection.throttles) as stream:
-                    sent = await self._send(session, stream, download)
+                    sent = watch.bytes = await self._send(session, stream, download)
             finally:
                 await download.close()
             logger.info("sent %s (%d bytes%s)", virtual_path, sent, f" from {offset}" if offset else "")
@@ -156,7 +162,12 @@ class TransferCommands(CommandBase):
 
         begin = session.path_io.begin_download
         await self.transfer(
-            connection, session, "RETR", lambda: begin(real_path, offset=offset), "Opening data connection.", send_file
+            connection,
+            session,
+            "RETR",
+            lambda: begin(real_path, offset=offset),
+            "Opening data connection.",
+            watch.running(send_file),
         )
         return True
 
@@ -176,6 +187,55 @@ class TransferCommands(CommandBase):
             await send(stream, converter.to_network(block) if converter else block)
             sent += len(block)
         return sent
+
+
+class TransferWatch:
+    """One upload or download as metrics and the audit log see it: its result (``ok``; ``aborted`` by ABOR or the
+    session's end; ``failed``, with the reply code), bytes and duration from the 150 to the final reply. A
+    transfer refused before its 150 (a file that cannot be opened: 550) is audited by ``GatewayServer._command``
+    and is no transfer in the metrics.
+
+    The bytes of a transfer that did not end well are not known (the pump threads count only to the end): 0."""
+
+    def __init__(self, server: CommandBase, session: SessionState, direction: str, path: PurePosixPath | str) -> None:
+        self.server = server
+        self.direction = direction
+        self.path = str(path)
+        uri = session.user.storage.uri if session.user is not None else ""
+        self.backend = "s3" if uri.startswith("s3:") else "file"
+        self.bytes = 0
+
+    def running(self, run: Callable[[T], Awaitable[None]]) -> Callable[[T], Awaitable[None]]:
+        async def watched(opened: T) -> None:
+            started = time.monotonic()
+            try:
+                await run(opened)
+            except asyncio.CancelledError:
+                self._end("aborted", started, "426")
+                raise
+            except Exception as exc:
+                self._end("failed", started, reply_for(exc, transfer=True)[0])
+                raise
+            self._end("ok", started)
+
+        return watched
+
+    def _end(self, result: str, started: float, code: str | None = None) -> None:
+        seconds = time.monotonic() - started
+        nbytes = self.bytes if result == "ok" else 0
+        self.server.metrics.transfer(self.direction, self.backend, result, nbytes, seconds)
+        self._audit(result, seconds, code)
+
+    def _audit(self, result: str, seconds: float, code: str | None) -> None:
+        fields = {"code": code} if code else {}
+        self.server.audit.event(
+            self.direction,
+            path=self.path,
+            bytes=self.bytes if result == "ok" else 0,
+            duration=round(seconds, 6),
+            result="ok" if result == "ok" else result,
+            **fields,
+        )
 
 
 async def gathered(download: Download, size: int) -> AsyncGenerator[list[bytes], None]:

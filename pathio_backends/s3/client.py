@@ -14,6 +14,7 @@ import math
 import os
 import re
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
 from pathio_backends.facts import FactsIndex, ObjectFacts
+from pathio_backends.resources import NoObserver, StorageObserver
 from pathio_backends.s3.errors import S3_ERRORS, translate
 from pathio_backends.s3.settings import S3Settings
 
@@ -135,9 +137,11 @@ class S3Context:
         facts: ObjectFacts | None,
         bucket: str,
         prefix: str,
+        observer: StorageObserver | None = None,
     ) -> None:
         self.settings = settings
         self.shared = shared
+        self.observer: StorageObserver = observer or NoObserver()
         self.bucket = bucket
         self.prefix = prefix
         self.facts = FactsIndex(facts, bucket, "s3")
@@ -153,16 +157,27 @@ class S3Context:
     async def call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
         """``client.<operation>(Bucket=..., **kwargs)``; a failure is a builtin OSError (``errors.translate``)."""
         client = (await self.shared()).client
+        name = "".join(word.capitalize() for word in operation.split("_"))
+        started = time.monotonic()
         try:
             response: dict[str, Any] = await getattr(client, operation)(Bucket=self.bucket, **kwargs)
         except S3_ERRORS as exc:
-            name = "".join(word.capitalize() for word in operation.split("_"))
+            self.observer.s3_request(name, outcome_of(exc), time.monotonic() - started)
             raise translate(exc, name, kwargs.get("Key") or kwargs.get("Prefix")) from exc
+        self.observer.s3_request(name, "ok", time.monotonic() - started)
         return response
 
     async def abort_later(self, key: str, upload_id: str) -> None:
         """Hand a multipart upload whose abort failed to the janitor."""
         (await self.shared()).janitor.abort_later(self, key, upload_id)
+
+
+def outcome_of(exc: BaseException) -> str:
+    """A failed request's outcome label: the class of S3's HTTP status, or ``error`` when none came."""
+    status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if isinstance(status, int) and 400 <= status < 600:
+        return f"{status // 100}xx"
+    return "error"
 
 
 class AbortJanitor:
@@ -187,10 +202,12 @@ class AbortJanitor:
             try:
                 await ctx.call("abort_multipart_upload", Key=key, UploadId=upload_id)
             except FileNotFoundError:
+                ctx.observer.multipart_ended()
                 return  # already gone
             except OSError:
                 delay = min(delay * 2, self.MAX_DELAY)
                 continue
+            ctx.observer.multipart_ended()
             logger.info("aborted multipart upload %s of %s on a later attempt", upload_id, key)
             return
 

@@ -307,7 +307,14 @@ class S3Storage(StorageFactory):
 
     def __init__(self, uri: str, location: S3Location, resources: BackendResources) -> None:
         self.uri = uri
-        self.ctx = S3Context(resources.s3_settings, resources.s3, resources.facts, location.bucket, location.prefix)
+        self.ctx = S3Context(
+            resources.s3_settings,
+            resources.s3,
+            resources.facts,
+            location.bucket,
+            location.prefix,
+            resources.observer,
+        )
         self.base_path = Path("/", f"s3:{location.bucket}", *[p for p in location.prefix.split("/") if p])
         self._checked = False
 

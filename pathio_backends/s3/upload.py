@@ -184,6 +184,7 @@ class S3Upload(Upload):
                 self.ctx.call("create_multipart_upload", Key=self.key, **arguments, **self.write_args)
             )
             self.upload_id = str(response["UploadId"])
+            self.ctx.observer.multipart_started()
             logger.debug("multipart upload %s of %s started", self.upload_id, self.key)
         return self.upload_id
 
@@ -270,6 +271,8 @@ class S3Upload(Upload):
         response = await self.ctx.call(
             "complete_multipart_upload", Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}
         )
+        self.ctx.observer.multipart_ended()
+        self.upload_id = None  # completed: nothing left to abort
         self.etag = etag_of(response)
         sha256 = await self._sha256()
         if sha256:
@@ -288,7 +291,9 @@ class S3Upload(Upload):
             async with asyncio.timeout(self.ctx.settings.read_timeout):
                 await self.ctx.call("abort_multipart_upload", Key=self.key, UploadId=self.upload_id)
         except FileNotFoundError:
-            pass
+            self.ctx.observer.multipart_ended()
         except (OSError, TimeoutError) as exc:
             logger.warning("could not abort multipart upload %s of %s yet: %r", self.upload_id, self.key, exc)
             await self.ctx.abort_later(self.key, self.upload_id)
+        else:
+            self.ctx.observer.multipart_ended()
