@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import ftplib
 import io
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -381,7 +383,8 @@ def test_workers_parent_serves_the_merged_admin_endpoint(tmp_path: Path) -> None
         [gateway(), "user", "add", "carol", "--password-stdin", "--database", f"sqlite:///{tmp_path / 'users.db'}"],
         input="pw\n", text=True, check=True, capture_output=True,
     )  # fmt: skip
-    process = serve(tmp_path, "--workers", "2", "--admin-listen", "127.0.0.1:0", "--audit-log", "off")
+    audit = tmp_path / "audit.jsonl"
+    process = serve(tmp_path, "--workers", "2", "--admin-listen", "127.0.0.1:0", "--audit-log", str(audit))
     try:
         assert process.stdout is not None
         listening = process.stdout.readline()
@@ -394,14 +397,23 @@ def test_workers_parent_serves_the_merged_admin_endpoint(tmp_path: Path) -> None
         samples = scrape(url)
         workers = {dict(ls).get("worker") for (n, ls) in samples if n == "ftp_gateway_sessions_open"}
         assert workers == {"0", "1"}
-        with ftplib.FTP() as ftp:
-            ftp.connect("127.0.0.1", int(listening.rsplit(":", 1)[1]), timeout=30)
-            ftp.login("carol", "pw")
-            ftp.storbinary("STOR a.txt", io.BytesIO(b"12345"))
-            ftp.quit()
+        for index in range(4):  # the kernel spreads the sessions over the workers
+            with ftplib.FTP() as ftp:
+                ftp.connect("127.0.0.1", int(listening.rsplit(":", 1)[1]), timeout=30)
+                ftp.login("carol", "pw")
+                ftp.storbinary(f"STOR {index}.txt", io.BytesIO(b"12345"))
+                ftp.quit()
         samples = scrape(url)
-        assert total(samples, "ftp_gateway_logins_total", result="success") == 1
-        assert total(samples, "ftp_gateway_transfer_bytes_total", direction="upload", result="ok") == 5
+        assert total(samples, "ftp_gateway_logins_total", result="success") == 4
+        assert total(samples, "ftp_gateway_transfer_bytes_total", direction="upload", result="ok") == 20
+
+        # Both workers append to one audit file, whole lines each.
+        def all_written() -> list[str] | None:
+            lines = audit.read_text().splitlines()
+            return lines if len(lines) == 8 else None
+
+        events = wait_until(all_written, timeout=10, what="8 audit events")
+        assert sorted(json.loads(line)["event"] for line in events) == ["login"] * 4 + ["upload"] * 4
         # The storage becomes unusable: the parent is not ready, and says which workers and why.
         shutil.rmtree(tmp_path / "data")
         (tmp_path / "data").write_text("not a directory")
@@ -447,3 +459,40 @@ def test_admin_off(tmp_path: Path) -> None:
         rest, err = stop(process)
     assert process.returncode == 0, err
     assert rest == ""
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_readyz_is_503_while_serve_drains(tmp_path: Path, workers: str) -> None:
+    """SIGTERM with an upload running: /readyz turns 503 at once (the admin endpoint stays up while the transfer
+    may finish), and the process exits 0 once it has."""
+    subprocess.run(
+        [gateway(), "user", "add", "carol", "--password-stdin", "--database", f"sqlite:///{tmp_path / 'users.db'}"],
+        input="pw\n", text=True, check=True, capture_output=True,
+    )  # fmt: skip
+    process = serve(tmp_path, "--workers", workers, "--admin-listen", "127.0.0.1:0", "--audit-log", "off")
+    try:
+        assert process.stdout is not None
+        port = int(process.stdout.readline().rsplit(":", 1)[1])
+        url = process.stdout.readline().removeprefix("admin on ").strip()
+        assert get(url + "/readyz") == (200, "ready\n")
+        ftp = ftplib.FTP()
+        ftp.connect("127.0.0.1", port, timeout=30)
+        ftp.login("carol", "pw")
+        data = ftp.transfercmd("STOR a.bin")
+        data.sendall(b"x" * 1000)
+        process.send_signal(signal.SIGTERM)
+        status, text = get(url + "/readyz")
+        assert status == 503 and "draining" in text, text
+        assert get(url + "/healthz")[0] == 200
+        if workers == "1":
+            assert value(scrape(url), "ftp_gateway_draining") == 1
+        data.sendall(b"y" * 1000)
+        data.close()
+        assert ftp.getresp().startswith("226")
+        with pytest.raises(ftplib.error_temp, match="^421"):
+            ftp.getresp()
+        ftp.close()
+        assert process.wait(timeout=60) == 0
+        assert (tmp_path / "data" / "carol" / "a.bin").read_bytes() == b"x" * 1000 + b"y" * 1000
+    finally:
+        stop(process)
