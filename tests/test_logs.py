@@ -100,7 +100,10 @@ def test_json_logs_and_audit_events_never_hold_a_password(tmp_path: Path) -> Non
         assert password not in text and wrong not in text
     logs = json_lines(err)
     assert logs and all(KEYS <= line.keys() for line in logs)
-    assert any(line["level"] == "DEBUG" for line in logs)  # the command lines, PASS among them, were logged
+    # The command lines were logged, PASS as ***, with the session's user.
+    passes = [line for line in logs if line["message"].startswith("PASS")]
+    assert [line["message"] for line in passes] == ["PASS ***", "PASS ***"]
+    assert {line["user"] for line in passes} == {"carol"}
     logged_in = [line for line in logs if line["message"] == "logged in"]
     assert len(logged_in) == 1
     session = logged_in[0]["session"]

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 import aioftp
 
 from gateway.commands.base import CommandBase
+from gateway.log import log_context
 from gateway.metrics import OTHER_VERB
 
 logger = logging.getLogger(__name__)
@@ -90,7 +91,12 @@ class ControlConnection(CommandBase):
         # Only the line ending goes: a trailing space can be part of a file name.
         verb, _, rest = text.rstrip("\r\n").partition(" ")
         verb = verb.lower()
-        logger.debug("%s %s", verb.upper(), "***" if verb in censor_commands else rest)
+        if logger.isEnabledFor(logging.DEBUG):
+            if session is not None:
+                # Each read is a task of the dispatcher's, whose context is from before the login: the user, for
+                # the debug line of the command.
+                log_context.set(session.log_context())
+            logger.debug("%s %s", verb.upper(), "***" if verb in censor_commands else rest)
         if verb not in self.commands_mapping:
             # aioftp's dispatcher answers it 502; counted under one label whatever the client sent.
             self.metrics.command(OTHER_VERB, "502")
