@@ -107,7 +107,9 @@ class ControlConnection(CommandBase):
     ) -> None:
         """aioftp's reply format (``code-`` before all lines but the last; ``list`` indents the middle lines), sent
         with one write; waits only when the client does not read its replies (aioftp waits on every line with
-        ``wait_for``, a task each)."""
+        ``wait_for``, a task each). A reply to a client that is already gone is dropped: uvloop raises on a write
+        to a closed transport, which aioftp's dispatcher would log as a traceback (a client that connects and
+        closes at once, such as a port probe, then gets the drain's 421)."""
         *head, tail = [lines] if isinstance(lines, str) else lines
         if list and head:
             first, *body = head
@@ -117,6 +119,8 @@ class ControlConnection(CommandBase):
         text.append(f"{code} {tail}\r\n")
         logger.debug("%s", text)
         writer = stream.writer
+        if writer.transport.is_closing():
+            return
         writer.write("\r\n".join(text).encode(self.encoding))
         if writer.transport.get_write_buffer_size():
             async with asyncio.timeout(stream.write_timeout):
