@@ -180,6 +180,7 @@ def main() -> int:
             "FTP_GATEWAY_PASSIVE__PORT_MAX": str(low + 9),
             "FTP_GATEWAY_CLUSTER__REDIS_URL": REDIS_URL,
             "FTP_GATEWAY_ADMIN__LISTEN": "off",
+            "FTP_GATEWAY_LOG__AUDIT": "off",
             "FTP_GATEWAY_LOG__LEVEL": "warning",
             "FTP_GATEWAY_TIMEOUTS__PATH": "300",
         }

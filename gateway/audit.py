@@ -28,6 +28,8 @@ from gateway.log import log_context, utc_timestamp
 logger = logging.getLogger(__name__)
 
 QUEUE_LIMIT = 100_000
+# At exit, how long what is queued may take to be written.
+EXIT_WAIT = 5.0
 EVENTS = ("login", "upload", "download", "delete", "rename", "mkdir", "rmdir")
 
 
@@ -38,6 +40,8 @@ class AuditLog:
     def __init__(self, target: str) -> None:
         self.target = target
         self.dropped = 0
+        # The writer thread, when it was still blocked at exit (a daemon thread: it does not hold the process).
+        self.stuck: threading.Thread | None = None
         self._queue: queue.Queue[bytes | None] = queue.Queue(QUEUE_LIMIT)
         self._thread: threading.Thread | None = None
         self._fd: int | None = None
@@ -66,11 +70,18 @@ class AuditLog:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        if self._thread is not None:
-            self._queue.put(None)  # blocks only if the queue is full: the thread is draining it
-            self._thread.join()
-            self._thread = None
-        if self._owns_fd and self._fd is not None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            try:
+                self._queue.put(None, timeout=EXIT_WAIT)
+            except queue.Full:
+                pass
+            # Bounded: a stdout nobody reads (a full pipe) must not keep the process from ending.
+            thread.join(EXIT_WAIT)
+            if thread.is_alive():
+                logger.error("audit log %s blocked: %d events not written", self.target, self._queue.qsize())
+                self.stuck = thread
+        if self._owns_fd and self._fd is not None and (thread is None or not thread.is_alive()):
             os.close(self._fd)
         self._fd = None
         if self.dropped:
@@ -96,6 +107,7 @@ class AuditLog:
             self.dropped += 1
 
     def _write_lines(self, fd: int) -> None:
+        broken = False
         while True:
             first = self._queue.get()
             lines = [first]
@@ -104,11 +116,17 @@ class AuditLog:
                     lines.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            data = b"".join(line for line in lines if line is not None)
-            try:
-                _write_all(fd, data)
-            except OSError as exc:
-                logger.error("cannot write the audit log %s: %s", self.target, exc.strerror or exc)
+            data = [line for line in lines if line is not None]
+            if broken:
+                self.dropped += len(data)
+            else:
+                try:
+                    _write_all(fd, b"".join(data))
+                except OSError as exc:
+                    # Once: a closed pipe or a full disk would otherwise log an error per event.
+                    logger.error("cannot write the audit log %s: %s", self.target, exc.strerror or exc)
+                    broken = True
+                    self.dropped += len(data)
             if None in lines:
                 return
 

@@ -100,6 +100,8 @@ def replicas(
         "FTP_GATEWAY_CLUSTER__REDIS_URL": redis_url,
         "FTP_GATEWAY_CLUSTER__KEY_PREFIX": f"test-{uuid.uuid4().hex}",
         "FTP_GATEWAY_ADMIN__LISTEN": "off",
+        # Audit events would go to the stdout pipe, which is not read after the first line.
+        "FTP_GATEWAY_LOG__AUDIT": "off",
         "FTP_GATEWAY_LIMITS__FAILED_LOGIN_DELAY": "0",
         "FTP_GATEWAY_TIMEOUTS__DATA_CONNECTION": "10",
         "FTP_GATEWAY_LOG__LEVEL": "info",

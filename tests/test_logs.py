@@ -192,3 +192,30 @@ def test_audit_log_off_and_file(tmp_path: Path) -> None:
     events = json_lines(target.read_text())
     assert [e["bytes"] for e in events] == list(range(1000))
     assert {e["session"] for e in events} == {"-"}
+
+
+def test_audit_log_on_a_stdout_nobody_reads_does_not_hold_the_exit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full pipe blocks the writer thread, never the caller, and the exit gives up on it."""
+    import gateway.audit
+
+    read_end, write_end = os.pipe()
+
+    class Pipe(io.StringIO):
+        def fileno(self) -> int:
+            return write_end
+
+    monkeypatch.setattr(sys, "stdout", Pipe())
+    monkeypatch.setattr(gateway.audit, "EXIT_WAIT", 0.2)
+    audit = AuditLog("stdout")
+    try:
+        with audit:
+            for index in range(2000):  # ~250 KB: well past a pipe's 64 KiB
+                audit.event("upload", path=f"/{'x' * 100}/{index}", bytes=index, result="ok")
+        assert audit.stuck is not None  # it gave up on the blocked writer
+        assert os.read(read_end, 65536).startswith(b'{"time": ')
+    finally:
+        os.close(read_end)  # the blocked write fails now (EPIPE) and the writer ends
+        if audit.stuck is not None:
+            audit.stuck.join(10)
+            assert not audit.stuck.is_alive()
+        os.close(write_end)
