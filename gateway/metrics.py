@@ -6,7 +6,7 @@ directions, backends, results, S3 operations): never a user name, a path or an a
 
 Handlers call the intent-named methods (:meth:`Metrics.login`, :meth:`Metrics.transfer` ...), never the metric
 objects. The S3 backend reports through :meth:`Metrics.s3_request`, :meth:`Metrics.multipart_started` and
-:meth:`Metrics.multipart_ended`: the observer it is given (``pathio_backends.resources.StorageObserver``), so
+:meth:`Metrics.multipart_ended`: the observer it is given (``pathio_backends.observer.StorageObserver``), so
 ``pathio_backends`` never imports the gateway.
 """
 
@@ -126,7 +126,7 @@ class Metrics:
     def passive_port_given_back(self) -> None:
         self.passive_ports_in_use.dec()
 
-    # -- pathio_backends.resources.StorageObserver ----------------------------------------------------------
+    # -- pathio_backends.observer.StorageObserver ----------------------------------------------------------
 
     def s3_request(self, operation: str, outcome: str, seconds: float) -> None:
         self.s3_requests.labels(operation, outcome).inc()

@@ -8,39 +8,14 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from pathio_backends.facts import ObjectFacts
+from pathio_backends.observer import NoObserver, StorageObserver
 from pathio_backends.s3.settings import S3Settings
 
 if TYPE_CHECKING:
     from pathio_backends.s3.client import S3Shared
-
-
-class StorageObserver(Protocol):
-    """What the backends report for the server's metrics (``gateway.metrics.Metrics`` is one); given through
-    :class:`BackendResources` so that backends never import the gateway."""
-
-    def s3_request(self, operation: str, outcome: str, seconds: float) -> None:
-        """One S3 request (retries included) of ``operation`` (``PutObject``) ended with ``outcome``: ``ok``,
-        ``4xx``, ``5xx`` or ``error`` (no HTTP answer: unreachable, timed out)."""
-
-    def multipart_started(self) -> None:
-        """A multipart upload was created on S3."""
-
-    def multipart_ended(self) -> None:
-        """A multipart upload was completed or aborted."""
-
-
-class NoObserver:
-    def s3_request(self, operation: str, outcome: str, seconds: float) -> None:
-        pass
-
-    def multipart_started(self) -> None:
-        pass
-
-    def multipart_ended(self) -> None:
-        pass
 
 
 class BackendResources:

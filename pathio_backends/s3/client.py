@@ -24,7 +24,7 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 
 from pathio_backends.facts import FactsIndex, ObjectFacts
-from pathio_backends.resources import NoObserver, StorageObserver
+from pathio_backends.observer import NoObserver, StorageObserver
 from pathio_backends.s3.errors import S3_ERRORS, translate
 from pathio_backends.s3.settings import S3Settings
 
