@@ -10,11 +10,9 @@ from __future__ import annotations
 import argparse
 import errno
 import getpass
-import ipaddress
 import json
 import logging
 import os
-import re
 import secrets
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -23,17 +21,25 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from gateway import __version__, runtime
 from gateway import log as gateway_log
-from gateway.config import ConfigError, Settings, load_settings, parse_host_port, parse_port_range
+from gateway.cli_types import (
+    limit_options,
+    listen_address,
+    networks,
+    observability_options,
+    password_option,
+    port_range,
+    seconds,
+    worker_number,
+)
+from gateway.config import ConfigError, Settings, load_settings
 from gateway.runtime import EventLoopChoice
 from gateway.users.db import DatabaseError, create_engine, describe_error, ensure_schema, schema_revisions, upgrade
 from gateway.users.passwords import Passwords
 from gateway.users.store import (
-    PERMISSION_MODES,
     UserChanges,
     UserError,
     UserInfo,
     UserStore,
-    parse_permission,
 )
 
 if TYPE_CHECKING:
@@ -58,69 +64,6 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         """One line, exit 2 (argparse prints the whole usage block first)."""
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-# -- argument types -------------------------------------------------------------------------------------
-
-_SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?(/s)?", re.IGNORECASE)
-
-
-def byte_rate(text: str) -> int:
-    """``0`` (unlimited), ``500000``, ``512K``, ``10M``, ``1G`` (powers of 1024) bytes per second."""
-    match = _SIZE.fullmatch(text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"invalid rate {text!r}: expected bytes per second such as 512K, 10M or 0")
-    exponent = " kmgt".index(match.group(2).lower() or " ")
-    return int(match.group(1)) << (10 * exponent)
-
-
-def non_negative_int(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
-    return int(text)
-
-
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 86400:
-        raise argparse.ArgumentTypeError(f"expected seconds from 0 to 86400, got {text!r}")
-    return value
-
-
-def listen_address(text: str) -> str:
-    try:
-        parse_host_port(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
-def admin_address(text: str) -> str:
-    """``HOST:PORT``, ``unix:PATH`` or ``off``, checked as the ``admin.listen`` setting is."""
-    from gateway.config import AdminSettings
-
-    try:
-        AdminSettings(listen=text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT or off, got {text!r}") from exc
-    return text
-
-
-def port_range(text: str) -> tuple[int, int]:
-    try:
-        return parse_port_range(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def permission(text: str) -> tuple[str, bool, bool]:
-    try:
-        return parse_permission(text)
-    except UserError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # -- the parser -----------------------------------------------------------------------------------------
@@ -162,7 +105,7 @@ def build_parser() -> Parser:
         metavar="SECONDS",
         help="on SIGTERM, how long running transfers may finish before they are aborted (default: 30)",
     )
-    _observability_options(serve)
+    observability_options(serve)
     serve.set_defaults(func=cmd_serve)
 
     dev = commands.add_parser(
@@ -171,7 +114,7 @@ def build_parser() -> Parser:
     dev.add_argument("--listen", type=listen_address, metavar="HOST:PORT", help="control connection address")
     dev.add_argument("--data-dir", type=Path, metavar="DIR", help="keep the user database here (default: temporary)")
     dev.add_argument("--password-stdin", action="store_true", help="demo's password from stdin (default: generated)")
-    _observability_options(dev)
+    observability_options(dev)
     dev.set_defaults(func=cmd_dev)
 
     check = commands.add_parser(
@@ -192,11 +135,11 @@ def build_parser() -> Parser:
 
     add = user.add_parser("add", parents=[common], help="create a user")
     add.add_argument("name")
-    _password_option(add)
+    password_option(add)
     add.add_argument("--storage", metavar="URI", help="file:///path or s3://bucket/prefix (default: server's)")
     add.add_argument("--home", default="/", metavar="PATH", help="directory the session starts in (default: /)")
     add.add_argument("--read-only", action="store_true", help="may read but not change anything under /")
-    _limit_options(add)
+    limit_options(add)
     add.set_defaults(func=cmd_user_add)
 
     listing = user.add_parser("list", parents=[common], help="list users")
@@ -210,7 +153,7 @@ def build_parser() -> Parser:
 
     passwd = user.add_parser("passwd", parents=[common], help="set a user's password")
     passwd.add_argument("name")
-    _password_option(passwd)
+    password_option(passwd)
     passwd.set_defaults(func=cmd_user_passwd)
 
     change = user.add_parser("set", parents=[common], help="change a user")
@@ -222,7 +165,7 @@ def build_parser() -> Parser:
     access = change.add_mutually_exclusive_group()
     access.add_argument("--read-only", action="store_true", help="set / to read-only")
     access.add_argument("--read-write", action="store_true", help="set / to read-write")
-    _limit_options(change)
+    limit_options(change)
     change.add_argument(
         "--unset-perm", action="append", default=[], metavar="PATH", help="remove a permission entry (repeatable)"
     )
@@ -239,59 +182,11 @@ def build_parser() -> Parser:
     return parser
 
 
-def _observability_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--admin-listen",
-        type=admin_address,
-        metavar="HOST:PORT|off",
-        help="admin HTTP endpoint (/healthz, /readyz, /metrics); port 0 picks one (default 127.0.0.1:9090)",
-    )
-    parser.add_argument(
-        "--log-format", choices=("json", "text", "auto"), help="log lines on stderr (auto: json unless a terminal)"
-    )
-    parser.add_argument("--audit-log", metavar="stdout|FILE|off", help="where audit events go (default stdout)")
-
-
-def _password_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
-
-
-def _limit_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-sessions", type=non_negative_int, metavar="N", help="concurrent sessions (0: no limit)")
-    parser.add_argument("--upload-limit", type=byte_rate, metavar="RATE", help="bytes/s over all sessions, e.g. 10M")
-    parser.add_argument("--download-limit", type=byte_rate, metavar="RATE", help="bytes/s over all sessions")
-    parser.add_argument(
-        "--perm",
-        type=permission,
-        action="append",
-        default=[],
-        metavar="PATH=MODE",
-        help=f"permission on a path and below, MODE one of {', '.join(PERMISSION_MODES)} (repeatable)",
-    )
-
-
 # -- settings -------------------------------------------------------------------------------------------
-
-
-def worker_number(text: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 256:
-        raise argparse.ArgumentTypeError(f"invalid worker count {text!r}: 0 (one per CPU) to 256")
-    return int(text)
 
 
 def config_file(args: argparse.Namespace) -> Path | None:
     return args.config or (Path(os.environ["FTP_GATEWAY_CONFIG"]) if os.environ.get("FTP_GATEWAY_CONFIG") else None)
-
-
-def networks(text: str) -> list[str]:
-    """``CIDR[,CIDR]``: networks (a bare address is a /32 or /128)."""
-    parts = [part.strip() for part in text.split(",") if part.strip()]
-    for part in parts:
-        try:
-            ipaddress.ip_network(part)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(f"invalid network {part!r}: {exc}") from None
-    return parts
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

@@ -1,0 +1,122 @@
+"""The command line's argument types (each turns a bad value into argparse's one-line error, exit 2) and the
+option groups several subcommands share."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import re
+
+from gateway.config import parse_host_port, parse_port_range
+from gateway.users.store import PERMISSION_MODES, UserError, parse_permission
+
+_SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?(/s)?", re.IGNORECASE)
+
+
+def byte_rate(text: str) -> int:
+    """``0`` (unlimited), ``500000``, ``512K``, ``10M``, ``1G`` (powers of 1024) bytes per second."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid rate {text!r}: expected bytes per second such as 512K, 10M or 0")
+    exponent = " kmgt".index(match.group(2).lower() or " ")
+    return int(match.group(1)) << (10 * exponent)
+
+
+def non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(text)
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"expected seconds from 0 to 86400, got {text!r}")
+    return value
+
+
+def listen_address(text: str) -> str:
+    try:
+        parse_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def admin_address(text: str) -> str:
+    """``HOST:PORT``, ``unix:PATH`` or ``off``, checked as the ``admin.listen`` setting is."""
+    from gateway.config import AdminSettings
+
+    try:
+        AdminSettings(listen=text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT or off, got {text!r}") from exc
+    return text
+
+
+def port_range(text: str) -> tuple[int, int]:
+    try:
+        return parse_port_range(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def permission(text: str) -> tuple[str, bool, bool]:
+    try:
+        return parse_permission(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def worker_number(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 256:
+        raise argparse.ArgumentTypeError(f"invalid worker count {text!r}: 0 (one per CPU) to 256")
+    return int(text)
+
+
+def networks(text: str) -> list[str]:
+    """``CIDR[,CIDR]``: networks (a bare address is a /32 or /128)."""
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    for part in parts:
+        try:
+            ipaddress.ip_network(part)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"invalid network {part!r}: {exc}") from None
+    return parts
+
+
+# -- option groups --------------------------------------------------------------------------------------
+
+
+def observability_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--admin-listen",
+        type=admin_address,
+        metavar="HOST:PORT|off",
+        help="admin HTTP endpoint (/healthz, /readyz, /metrics); port 0 picks one (default 127.0.0.1:9090)",
+    )
+    parser.add_argument(
+        "--log-format", choices=("json", "text", "auto"), help="log lines on stderr (auto: json unless a terminal)"
+    )
+    parser.add_argument("--audit-log", metavar="stdout|FILE|off", help="where audit events go (default stdout)")
+
+
+def password_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--password-stdin", action="store_true", help="read the password from the first line of stdin")
+
+
+def limit_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-sessions", type=non_negative_int, metavar="N", help="concurrent sessions (0: no limit)")
+    parser.add_argument("--upload-limit", type=byte_rate, metavar="RATE", help="bytes/s over all sessions, e.g. 10M")
+    parser.add_argument("--download-limit", type=byte_rate, metavar="RATE", help="bytes/s over all sessions")
+    parser.add_argument(
+        "--perm",
+        type=permission,
+        action="append",
+        default=[],
+        metavar="PATH=MODE",
+        help=f"permission on a path and below, MODE one of {', '.join(PERMISSION_MODES)} (repeatable)",
+    )
