@@ -5,7 +5,10 @@ cross into Python, back-pressure is the kernel's (a full socket buffer blocks th
 event loop only waits. The end of one direction is passed on as it came (``shutdown(SHUT_WR)``: an upload ends by
 the client's FIN, and the owner must see exactly that), and the other direction then has the data connection's
 idle timeout to end too. An error on either side, or a cancellation (the server stopping), shuts both sockets
-down, which ends the blocked calls at once.
+down, which ends the blocked calls at once. A write that makes no progress for the idle timeout fails
+(``SO_SNDTIMEO``): a client that stops reading a download, or vanishes without a FIN or RST, would otherwise hold
+its thread until the kernel gives the connection up (TCP retransmission, about 15 minutes). Reads get no such
+bound: one direction of a transfer is silent for all of it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import fcntl
 import os
 import socket
+import struct
 from concurrent.futures import ThreadPoolExecutor
 
 from gateway.pump import F_SETPIPE_SZ
@@ -51,11 +55,19 @@ def _one_way(src: socket.socket, dst: socket.socket, first: bytes) -> int:
         os.close(write_end)
 
 
+def _bound_writes(sock: socket.socket, seconds: float) -> None:
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", whole, int((seconds - whole) * 1e6)))
+
+
 async def splice(
     executor: ThreadPoolExecutor, client: socket.socket, first: bytes, owner: socket.socket, idle: float | None
 ) -> int:
     """Relay between ``client`` (what it sent so far: ``first``) and ``owner`` until both directions end; both
     sockets are blocking and owned by the caller. Returns the bytes moved, both ways."""
+    if idle is not None:
+        _bound_writes(client, idle)
+        _bound_writes(owner, idle)
     loop = asyncio.get_running_loop()
     up = loop.run_in_executor(executor, _one_way, client, owner, first)
     down = loop.run_in_executor(executor, _one_way, owner, client, b"")
