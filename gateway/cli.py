@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from gateway import __version__, runtime
+from gateway import __version__, runtime, s3_cleanup
 from gateway import log as gateway_log
 from gateway.cli_types import (
     limit_options,
@@ -179,6 +179,15 @@ def build_parser() -> Parser:
         sub = user.add_parser(name, parents=[common], help=text)
         sub.add_argument("name")
         sub.set_defaults(func=func)
+
+    s3 = commands.add_parser("s3", help="S3 housekeeping").add_subparsers(
+        dest="s3_command", required=True, metavar="COMMAND", parser_class=Parser
+    )
+    cleanup = s3.add_parser("cleanup", parents=[common], help="abort multipart uploads left behind")
+    cleanup.add_argument("location", type=s3_cleanup.bucket_and_prefix, metavar="s3://BUCKET[/PREFIX]")
+    cleanup.add_argument("--older-than", type=s3_cleanup.duration, default="24h", help="default 24h; 0: all")
+    cleanup.add_argument("--dry-run", action="store_true", help="list what would be aborted, abort nothing")
+    cleanup.set_defaults(func=cmd_s3_cleanup)
     return parser
 
 
@@ -414,6 +423,14 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
 
     passed = _run(run_checks(settings, config_file(args), lambda line: print(line, flush=True)), "check failed")
     return 0 if passed else EXIT_FAILURE
+
+
+def cmd_s3_cleanup(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        runtime.run(s3_cleanup.cleanup(settings.s3, args.location, args.older_than, args.dry_run), "asyncio")
+    except s3_cleanup.CleanupFailed as exc:
+        raise CliError(str(exc), EXIT_FAILURE) from None
+    return 0
 
 
 def _set_enabled(settings: Settings, name: str, enabled: bool) -> int:
