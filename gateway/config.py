@@ -102,6 +102,9 @@ class TimeoutSettings(_Section):
     path: Seconds = 30.0
     # On SIGTERM, running transfers may finish for this long; then what is left is aborted (nothing partial).
     drain: Annotated[float, Field(ge=0, le=86400)] = 30.0
+    # A connection that has not logged in this many seconds after connecting gets 421 and is closed (a PASS
+    # already running finishes first).
+    login: Annotated[float, Field(gt=0, le=86400)] = 60.0
 
 
 class LimitSettings(_Section):

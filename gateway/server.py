@@ -205,7 +205,8 @@ class GatewayServer(
             connect_timeout=self.settings.timeouts.data_connection,
             socket_timeout=self.settings.timeouts.socket,
         )
-        session = SessionState(client_host=host, client_port=port, data=data)
+        login_deadline = asyncio.get_running_loop().time() + self.settings.timeouts.login
+        session = SessionState(client_host=host, client_port=port, data=data, login_deadline=login_deadline)
         self.sessions[writer] = session
         log_context.set(session.log_context())
         self.metrics.session_opened()

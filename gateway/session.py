@@ -40,6 +40,8 @@ class SessionState:
     # The name given with USER, until PASS; then the user, and the storage (as aioftp's Connection has them).
     login_name: str | None = None
     login_failures: int = 0
+    # Loop time by which the login must be done (``timeouts.login``); None once the session was told it is late.
+    login_deadline: float | None = None
     user: GatewayUser | None = None
     storage: TransactionalPathIO | None = None
     transfer_type: Literal["A", "I"] = "I"

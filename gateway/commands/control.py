@@ -29,6 +29,8 @@ NOT_UTF8 = " not-utf8"
 # The server drains (SIGTERM) and this session has no transfer running: it gets 421 and is closed.
 DRAIN = " drain"
 PROXY_HEADER = " proxy-header"
+# No login within ``timeouts.login`` of connecting: 421 and close, after a PASS that is running.
+LOGIN_LATE = " login-late"
 # The third line of a PROXY v2 signature (``\r\n\r\n\x00\r\nQUIT\n``), never an FTP command.
 PROXY_V2_LINE = b"\x00\r\n"
 
@@ -41,6 +43,7 @@ class ControlConnection(CommandBase):
         NOT_UTF8: "not_utf8",
         DRAIN: "control_draining",
         PROXY_HEADER: "proxy_header",
+        LOGIN_LATE: "login_late",
     }
 
     async def parse_command(self, stream: aioftp.StreamIO, censor_commands: tuple[str] = ("pass",)) -> tuple[str, str]:
@@ -48,25 +51,39 @@ class ControlConnection(CommandBase):
 
         While the server drains, a session without a running transfer gets :data:`DRAIN` instead (once): the drain
         wakes the read by moving its deadline to now (``SessionState.wake``), so an idle session needs no task of
-        its own to be told.
+        its own to be told. Before the login the read's deadline is also bounded by the login's, which hands the
+        session :data:`LOGIN_LATE` (once) without a timer task either.
         """
         session = self.sessions.get(stream.writer)
         line = b""
+        loop = asyncio.get_running_loop()
+        idle_at: float | None = None
         while True:
             if self.draining and session is not None and not session.transfers and not session.closing:
                 session.closing = True
                 return DRAIN, ""
+            if idle_at is None and stream.read_timeout is not None:
+                idle_at = loop.time() + stream.read_timeout
+            wake_at = idle_at
+            if session is not None and session.user is None and session.login_deadline is not None:
+                if loop.time() >= session.login_deadline:
+                    session.login_deadline = None
+                    return LOGIN_LATE, ""
+                wake_at = session.login_deadline if wake_at is None else min(wake_at, session.login_deadline)
             try:
                 # The StreamReader itself under asyncio.timeout: aioftp's ``readline`` adds a throttle (none applies
                 # to commands) and a ``wait_for``, which on Python 3.11 is one more task per line, alive all the
                 # time a session is idle.
-                async with asyncio.timeout(stream.read_timeout) as deadline:
+                async with asyncio.timeout_at(wake_at) as deadline:
                     if session is not None:
                         session.read_deadline = deadline
                     line = await stream.reader.readline()
             except TimeoutError:
                 if self.draining or (session is not None and session.busy):
+                    idle_at = None  # the idle time starts again
                     continue
+                if idle_at is None or loop.time() < idle_at:
+                    continue  # the login's deadline, not the idle one: a session logged in since is not idle
                 return IDLE, ""
             except ValueError:
                 return LINE_TOO_LONG, ""
@@ -128,6 +145,16 @@ class ControlConnection(CommandBase):
 
     async def control_closed(self, connection: aioftp.Connection, rest: str) -> bool:
         logger.info("client closed the control connection")
+        return False
+
+    async def login_late(self, connection: aioftp.Connection, rest: str) -> bool:
+        """421 and close a session not logged in within ``timeouts.login``. This runs after the commands read
+        before it (``server.in_order``), so a PASS that was checking the password when time ran out finishes
+        first, and a session it logged in stays open."""
+        if self.session(connection).user is not None:
+            return True
+        logger.info("no login within %g seconds", self.settings.timeouts.login)
+        connection.response("421", f"Login timed out after {self.settings.timeouts.login:g} seconds; closing.")
         return False
 
     async def control_idle(self, connection: aioftp.Connection, rest: str) -> bool:
