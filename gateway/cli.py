@@ -31,7 +31,8 @@ from gateway.cli_types import (
     seconds,
     worker_number,
 )
-from gateway.config import ConfigError, Settings, load_settings
+from gateway.config import ConfigError, Settings, load_settings, read_config_file
+from gateway.config_permissions import exposed_secrets
 from gateway.runtime import EventLoopChoice
 from gateway.users.db import DatabaseError, create_engine, describe_error, ensure_schema, schema_revisions, upgrade
 from gateway.users.passwords import Passwords
@@ -78,6 +79,11 @@ def build_parser() -> Parser:
         help="TOML configuration file (default: $FTP_GATEWAY_CONFIG, else built-in defaults)",
     )
     common.add_argument("--database", metavar="URL", help="user database, e.g. sqlite:///users.db or postgresql://...")
+    common.add_argument(
+        "--strict-permissions",
+        action="store_true",
+        help="refuse a config file holding secrets that group or others can read (default: a warning)",
+    )
 
     parser = Parser(prog=PROG, description="FTP gateway onto local disk or S3, with users in a database.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -238,7 +244,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
         log["audit"] = args.audit_log
     if log:
         overrides["log"] = log
-    return load_settings(config, overrides)
+    settings = load_settings(config, overrides)
+    if config is not None:
+        exposed = exposed_secrets(config, read_config_file(config))
+        if exposed and args.strict_permissions:
+            raise ConfigError(exposed)
+        if exposed:
+            print(f"{PROG}: warning: {exposed}", file=sys.stderr)
+    return settings
 
 
 def read_password(args: argparse.Namespace) -> str:

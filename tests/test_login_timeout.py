@@ -48,3 +48,16 @@ def test_a_session_logged_in_in_time_outlives_the_login_timeout(tmp_path: Path) 
             time.sleep(1.5)  # past the login's deadline: nothing may arrive meanwhile
             control.send("NOOP")
             assert control.reply()[:3] == "200"
+
+
+def test_a_password_being_checked_at_the_deadline_gets_its_answer_first(tmp_path: Path) -> None:
+    """The wrong password's delay (2 s) runs past the login's deadline (1 s): PASS still answers, then 421."""
+    settings = gateway_settings(tmp_path, timeouts={"login": 1}, limits={"failed_login_delay": 2})
+    with running(settings) as gateway:
+        gateway.add_user("alice")
+        with RawControl(gateway) as control:
+            control.send("USER alice", "PASS wrong")
+            assert control.codes(2) == ["331", "530"]
+            reply = control.reply()
+            assert reply.startswith("421 Login timed out"), reply
+            assert _closed(control)
