@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from gateway import __version__, runtime, s3_cleanup
 from gateway import log as gateway_log
 from gateway.cli_types import (
+    common_options,
     limit_options,
     listen_address,
     networks,
@@ -31,7 +32,7 @@ from gateway.cli_types import (
     seconds,
     worker_number,
 )
-from gateway.config import ConfigError, Settings, load_settings, read_config_file
+from gateway.config import ConfigError, Settings, load_settings
 from gateway.config_permissions import exposed_secrets
 from gateway.runtime import EventLoopChoice
 from gateway.users.db import DatabaseError, create_engine, describe_error, ensure_schema, schema_revisions, upgrade
@@ -72,18 +73,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> Parser:
     common = Parser(add_help=False)
-    common.add_argument(
-        "--config",
-        type=Path,
-        metavar="FILE",
-        help="TOML configuration file (default: $FTP_GATEWAY_CONFIG, else built-in defaults)",
-    )
-    common.add_argument("--database", metavar="URL", help="user database, e.g. sqlite:///users.db or postgresql://...")
-    common.add_argument(
-        "--strict-permissions",
-        action="store_true",
-        help="refuse a config file holding secrets that group or others can read (default: a warning)",
-    )
+    common_options(common)
 
     parser = Parser(prog=PROG, description="FTP gateway onto local disk or S3, with users in a database.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -245,12 +235,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if log:
         overrides["log"] = log
     settings = load_settings(config, overrides)
-    if config is not None:
-        exposed = exposed_secrets(config, read_config_file(config))
-        if exposed and args.strict_permissions:
-            raise ConfigError(exposed)
-        if exposed:
-            print(f"{PROG}: warning: {exposed}", file=sys.stderr)
+    if warning := exposed_secrets(config, strict=args.strict_permissions):
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     return settings
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import re
+from pathlib import Path
 
 from gateway.config import parse_host_port, parse_port_range
 from gateway.users.store import PERMISSION_MODES, UserError, parse_permission
@@ -89,6 +90,22 @@ def networks(text: str) -> list[str]:
 
 
 # -- option groups --------------------------------------------------------------------------------------
+
+
+def common_options(parser: argparse.ArgumentParser) -> None:
+    """What every command takes: where the settings and the users are."""
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML configuration file (default: $FTP_GATEWAY_CONFIG, else built-in defaults)",
+    )
+    parser.add_argument("--database", metavar="URL", help="user database, e.g. sqlite:///users.db or postgresql://...")
+    parser.add_argument(
+        "--strict-permissions",
+        action="store_true",
+        help="refuse a config file holding secrets that group or others can read (default: a warning)",
+    )
 
 
 def observability_options(parser: argparse.ArgumentParser) -> None:

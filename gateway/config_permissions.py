@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.config import ConfigError, read_config_file
+
 # Keys whose value is a secret as such; and keys holding a URL, a secret when it carries a password.
 SECRET_KEYS = (("s3", "secret_access_key"), ("s3", "session_token"))
 URL_KEYS = (("database", "url"), ("cluster", "redis_url"))
@@ -35,15 +37,25 @@ def secrets_in(data: dict[str, Any]) -> list[str]:
     return found
 
 
-def exposed_secrets(path: Path, data: dict[str, Any]) -> str | None:
-    """One line saying ``path`` holds secrets and is readable by group or others, or None when it is not both."""
+def exposed_secrets(path: Path | None, *, strict: bool) -> str | None:
+    """One line saying the config file ``path`` holds secrets and is readable by group or others, or None when it
+    is not both (or there is no file). With ``strict`` that line is a :class:`ConfigError` instead."""
+    if path is None:
+        return None
+    warning = _exposed(path)
+    if warning is not None and strict:
+        raise ConfigError(warning)
+    return warning
+
+
+def _exposed(path: Path) -> str | None:
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
     except OSError:
         return None  # it was just read; gone since is no business of this check
     if not mode & (stat.S_IRGRP | stat.S_IROTH):
         return None
-    names = secrets_in(data)
+    names = secrets_in(read_config_file(path))
     if not names:
         return None
     readers = " and ".join(who for who, bit in (("group", stat.S_IRGRP), ("others", stat.S_IROTH)) if mode & bit)
