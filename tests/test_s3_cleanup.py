@@ -113,6 +113,7 @@ def config_for(tmp_path: Path, endpoint: str, monkeypatch: pytest.MonkeyPatch) -
     path = tmp_path / "gateway.toml"
     s3 = "".join(f'{k} = "{v}"\n' for k, v in S3_CREDENTIALS.items())
     path.write_text(f'[s3]\nendpoint_url = "{endpoint}"\nmax_attempts = 1\n{s3}')
+    path.chmod(0o600)  # it holds the S3 secret: readable by others, every command would warn about it first
     return str(path)
 
 
