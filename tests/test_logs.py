@@ -8,9 +8,11 @@ import io
 import json
 import logging
 import os
+import re
 import secrets
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ def gateway() -> str:
     return str(Path(sys.executable).with_name("ftp-gateway"))
 
 
-def start(tmp_path: Path, *options: str, level: str = "info") -> tuple[subprocess.Popen[str], int]:
+def start(tmp_path: Path, *options: str, level: str = "info") -> tuple[subprocess.Popen[str], int, str]:
     env = {**os.environ, "FTP_GATEWAY_LIMITS__FAILED_LOGIN_DELAY": "0", "FTP_GATEWAY_LOG__LEVEL": level}
     env.pop("FTP_GATEWAY_CONFIG", None)
     low, high = free_passive_range(10)
@@ -40,8 +42,9 @@ def start(tmp_path: Path, *options: str, level: str = "info") -> tuple[subproces
     assert process.stdout is not None
     line = process.stdout.readline()
     assert line.startswith("listening on ftp://127.0.0.1:"), line
-    assert process.stdout.readline().startswith("admin on http://")
-    return process, int(line.rsplit(":", 1)[1])
+    admin = process.stdout.readline()
+    assert admin.startswith("admin on http://"), admin
+    return process, int(line.rsplit(":", 1)[1]), admin.split()[-1]
 
 
 def stop(process: subprocess.Popen[str]) -> tuple[str, str]:
@@ -62,6 +65,16 @@ def add_user(tmp_path: Path, name: str, password: str) -> None:
     )  # fmt: skip
 
 
+def children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def process_title(pid: int) -> str:
+    """What ``ps`` shows of a process: its command line (where a process title would be written) and its name."""
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    return cmdline + " " + Path(f"/proc/{pid}/comm").read_text()
+
+
 def json_lines(text: str) -> list[dict[str, Any]]:
     """Every line is one JSON object (a traceback would be lines of its own)."""
     return [json.loads(line) for line in text.splitlines()]
@@ -72,7 +85,7 @@ def test_json_logs_and_audit_events_never_hold_a_password(tmp_path: Path) -> Non
     add_user(tmp_path, "carol", password)
     audit = tmp_path / "audit.jsonl"
     audit.write_text('{"event": "from before"}\n')  # appended to, not replaced
-    process, port = start(tmp_path, "--log-format", "json", "--audit-log", str(audit), level="debug")
+    process, port, admin = start(tmp_path, "--log-format", "json", "--audit-log", str(audit), level="debug")
     data = random_bytes(300_000, seed=5)
     try:
         with ftplib.FTP() as ftp:
@@ -93,10 +106,16 @@ def test_json_logs_and_audit_events_never_hold_a_password(tmp_path: Path) -> Non
             ftp.delete("dir/b.bin")
             ftp.rmd("dir")
             ftp.quit()
+        # Nor do the metrics, nor the command lines and titles of the server's processes (and its workers, if any).
+        with urllib.request.urlopen(f"{admin}/metrics", timeout=10) as response:  # noqa: S310 - http on loopback
+            metrics = response.read().decode()
+        assert re.search(r"ftp_gateway_logins_total{[^}]*result=\"failure\"[^}]*} 1.0", metrics), metrics
+        titles = [process_title(pid) for pid in [process.pid, *children(process.pid)]]
+        assert titles and all("serve" in title for title in titles)
     finally:
         out, err = stop(process)
 
-    for text in (out, err, audit.read_text()):
+    for text in (out, err, audit.read_text(), metrics, *titles):
         assert password not in text and wrong not in text
     logs = json_lines(err)
     assert logs and all(KEYS <= line.keys() for line in logs)
@@ -136,7 +155,7 @@ def test_json_logs_and_audit_events_never_hold_a_password(tmp_path: Path) -> Non
 
 def test_audit_on_stdout_comes_after_the_start_lines(tmp_path: Path) -> None:
     add_user(tmp_path, "dave", "pw")
-    process, port = start(tmp_path, "--log-format", "text")
+    process, port, _ = start(tmp_path, "--log-format", "text")
     try:
         with ftplib.FTP() as ftp:
             ftp.connect("127.0.0.1", port, timeout=30)

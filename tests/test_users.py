@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import ftplib
 import gc
+import traceback
 from pathlib import Path
 
 import argon2
 import pytest
+from sqlalchemy import text
 
+from gateway.config import DatabaseSettings
+from gateway.users.db import create_engine
 from gateway.users.passwords import Passwords
 from gateway.users.store import UserChanges
 from tests.clients import FtplibClient, ftp_login
-from tests.helpers import GatewayThread, gateway_settings, running
+from tests.helpers import GatewayThread, gateway_settings, running, scratch_postgres
 
 
 def login(gateway: GatewayThread, name: str, password: str) -> FtplibClient:
@@ -221,3 +226,29 @@ def test_own_directory_that_cannot_be_made_refuses_only_that_login(
     assert refused(local_gateway, "erin", "secret") == "530 Login refused: storage unavailable."
     local_gateway.add_user("fred")
     login(local_gateway, "fred", "secret").quit()
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgres"])
+def test_database_errors_hold_no_query_parameters(database: str, tmp_path: Path) -> None:
+    """A database error is logged with its message and traceback: the values bound to the query (user names,
+    password hashes) stay out of both."""
+    secret = "$argon2id$v=19$not-to-be-seen"
+
+    async def fail(url: str) -> str:
+        engine = create_engine(DatabaseSettings(url=url))
+        try:
+            async with engine.connect() as connection:
+                await connection.execute(text("SELECT password_hash FROM no_such_table WHERE x = :x"), {"x": secret})
+        except Exception as exc:  # noqa: BLE001 - whatever the driver raises, its text is what a log would show
+            return "".join(traceback.format_exception(exc))
+        finally:
+            await engine.dispose()
+        raise AssertionError("the query did not fail")
+
+    if database == "sqlite":
+        shown = asyncio.run(fail(f"sqlite:///{tmp_path / 'users.db'}"))
+    else:
+        with scratch_postgres() as url:
+            shown = asyncio.run(fail(url))
+    assert "no_such_table" in shown
+    assert secret not in shown

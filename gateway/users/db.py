@@ -65,7 +65,7 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
     url = normalize_url(settings.url)
     if is_sqlite(url):
         Path(url.database or "").expanduser().absolute().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": settings.timeout})
+        engine = create_async_engine(url, connect_args={"timeout": settings.timeout}, hide_parameters=True)
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, record: Any) -> None:
@@ -82,6 +82,8 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
     return create_async_engine(
         url,
         pool_pre_ping=True,
+        # An error's message and traceback then hold no query parameters (user names, password hashes).
+        hide_parameters=True,
         connect_args={"timeout": settings.timeout, "command_timeout": settings.timeout},
     )
 
