@@ -1,5 +1,6 @@
 """The audit log (``log.audit``): one JSON object per line for every login, upload, download, delete, rename, mkdir
-and rmdir, with who (session id, user, client IP), what (path, bytes, duration) and the result.
+and rmdir, every client IP banned and every control connection refused (``gateway.bans``), with who (session id,
+user, client IP), what (path, bytes, duration) and the result.
 
 A writer thread owns the output, so a slow disk or a stdout nobody reads never holds up the event loop: an event
 is a ``put_nowait`` on a bounded queue (events beyond :data:`QUEUE_LIMIT` waiting are dropped and counted, so a
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 QUEUE_LIMIT = 100_000
 # At exit, how long what is queued may take to be written.
 EXIT_WAIT = 5.0
-EVENTS = ("login", "upload", "download", "delete", "rename", "mkdir", "rmdir")
+EVENTS = ("login", "upload", "download", "delete", "rename", "mkdir", "rmdir", "ban", "refused")
 
 
 class AuditLog:

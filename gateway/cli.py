@@ -19,9 +19,11 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from gateway import __version__, runtime, s3_cleanup
+from gateway import __version__, ban_cli, runtime, s3_cleanup
 from gateway import log as gateway_log
 from gateway.cli_types import (
+    ban_options,
+    ban_overrides,
     common_options,
     limit_options,
     listen_address,
@@ -102,6 +104,7 @@ def build_parser() -> Parser:
         help="on SIGTERM, how long running transfers may finish before they are aborted (default: 30)",
     )
     observability_options(serve)
+    ban_options(serve)
     serve.set_defaults(func=cmd_serve)
 
     dev = commands.add_parser(
@@ -184,6 +187,7 @@ def build_parser() -> Parser:
     cleanup.add_argument("--older-than", type=s3_cleanup.duration, default="24h", help="default 24h; 0: all")
     cleanup.add_argument("--dry-run", action="store_true", help="list what would be aborted, abort nothing")
     cleanup.set_defaults(func=cmd_s3_cleanup)
+    ban_cli.add_parser(commands, common, Parser)
     return parser
 
 
@@ -234,7 +238,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         log["audit"] = args.audit_log
     if log:
         overrides["log"] = log
-    settings = load_settings(config, overrides)
+    settings = load_settings(config, overrides | ban_overrides(args))
     if warning := exposed_secrets(config, strict=args.strict_permissions):
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     return settings

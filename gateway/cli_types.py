@@ -7,6 +7,7 @@ import argparse
 import ipaddress
 import re
 from pathlib import Path
+from typing import Any
 
 from gateway.config import parse_host_port, parse_port_range
 from gateway.users.store import PERMISSION_MODES, UserError, parse_permission
@@ -137,3 +138,23 @@ def limit_options(parser: argparse.ArgumentParser) -> None:
         metavar="PATH=MODE",
         help=f"permission on a path and below, MODE one of {', '.join(PERMISSION_MODES)} (repeatable)",
     )
+
+
+def ban_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-connections-per-ip",
+        type=non_negative_int,
+        metavar="N",
+        help="control connections one client IP may hold at once (0: no limit)",
+    )
+    parser.add_argument("--ban-redis-url", metavar="URL", help="Redis for the bans the replicas share (bans.redis_url)")
+
+
+def ban_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings ``ban_options`` gave, as ``load_settings`` overrides."""
+    overrides: dict[str, Any] = {}
+    if getattr(args, "max_connections_per_ip", None) is not None:
+        overrides["limits"] = {"max_connections_per_ip": args.max_connections_per_ip}
+    if getattr(args, "ban_redis_url", None):
+        overrides["bans"] = {"redis_url": args.ban_redis_url}
+    return overrides

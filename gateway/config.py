@@ -115,6 +115,8 @@ class LimitSettings(_Section):
     failed_login_delay: Annotated[float, Field(ge=0, le=60)] = 1.0
     # Wrong passwords after which a session is closed (421).
     max_login_failures: Annotated[int, Field(ge=1)] = 3
+    # Control connections one client IP may hold at once; the next one gets 421 (its others go on). 0: no limit.
+    max_connections_per_ip: Annotated[int, Field(ge=0)] = 0
 
 
 class LoginSettings(_Section):
@@ -187,6 +189,23 @@ class ClusterSettings(_Section):
     redis_timeout: Annotated[float, Field(gt=0, le=60)] = 1.0
 
 
+class BanSettings(_Section):
+    # Failed logins from one client IP within ``window`` seconds that ban it for ``duration`` seconds (its new
+    # connections get 421). The same count of failures on one user name only slows that name's logins.
+    max_failures: Annotated[int, Field(ge=1)] = 10
+    window: Annotated[float, Field(gt=0, le=7 * 86400)] = 600.0
+    duration: Annotated[float, Field(gt=0, le=30 * 86400)] = 900.0
+    # A slowed user name: every PASS for it first waits limits.failed_login_delay, doubled with each further failure,
+    # at most this many seconds (below the 20 s after which FileZilla gives up on a reply). 0: names are not slowed.
+    name_delay_max: Annotated[float, Field(ge=0, le=60)] = 10.0
+    # redis:// URL of the store the replicas share. None: cluster.redis_url when set, else this process's memory.
+    redis_url: str | None = None
+    # Prefix of the bans' Redis keys (``PREFIX:bans:...``); None: cluster.key_prefix.
+    key_prefix: str | None = None
+    # Bound on each Redis request; a slower or unreachable Redis counts as down (the bans then live in memory).
+    redis_timeout: Annotated[float, Field(gt=0, le=60)] = 1.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -216,6 +235,7 @@ class Settings(BaseSettings):
     admin: AdminSettings = AdminSettings()
     proxy_protocol: ProxyProtocolSettings = ProxyProtocolSettings()
     cluster: ClusterSettings = ClusterSettings()
+    bans: BanSettings = BanSettings()
 
     @field_validator("listen")
     @classmethod

@@ -16,7 +16,7 @@ from gateway.config import ConfigError, read_config_file
 
 # Keys whose value is a secret as such; and keys holding a URL, a secret when it carries a password.
 SECRET_KEYS = (("s3", "secret_access_key"), ("s3", "session_token"))
-URL_KEYS = (("database", "url"), ("cluster", "redis_url"))
+URL_KEYS = (("database", "url"), ("cluster", "redis_url"), ("bans", "redis_url"))
 
 
 def secrets_in(data: dict[str, Any]) -> list[str]:

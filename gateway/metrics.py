@@ -88,10 +88,19 @@ class Metrics:
         self.draining = Gauge(
             "ftp_gateway_draining", "1 while the server drains before it stops (SIGTERM).", registry=r
         )
+        self.connections_refused = Counter(
+            "ftp_gateway_connections_refused",
+            "Control connections answered 421 and closed before a session began, by reason.",
+            ["reason"],
+            registry=r,
+        )  # reason: one of REFUSAL_REASONS
+        self.bans = Counter("ftp_gateway_bans", "Client IPs banned by this replica for failed logins.", registry=r)
         # CPU, memory and open files of this process (process_*): read from /proc at each scrape.
         ProcessCollector(registry=r)
         for result in LOGIN_RESULTS:
             self.logins.labels(result)
+        for reason in REFUSAL_REASONS:
+            self.connections_refused.labels(reason)
         for direction in DIRECTIONS:
             for backend in BACKENDS:
                 self.transfer_duration.labels(direction, backend)
@@ -110,6 +119,13 @@ class Metrics:
     def login(self, result: str) -> None:
         """``result``: one of :data:`LOGIN_RESULTS`."""
         self.logins.labels(result).inc()
+
+    def connection_refused(self, reason: str) -> None:
+        """``reason``: one of :data:`REFUSAL_REASONS`."""
+        self.connections_refused.labels(reason).inc()
+
+    def ip_banned(self) -> None:
+        self.bans.inc()
 
     def command(self, verb: str, code: str) -> None:
         """A command answered with ``code``; ``verb`` is one the server knows or ``other``."""
@@ -140,6 +156,9 @@ class Metrics:
 
 
 LOGIN_RESULTS = ("success", "failure", "refused")
+# banned: the client IP is banned; per_ip_limit: limits.max_connections_per_ip; max_connections: the server's
+# limits.max_connections; proxy_header: no valid PROXY header from a trusted network; draining: SIGTERM.
+REFUSAL_REASONS = ("banned", "per_ip_limit", "max_connections", "proxy_header", "draining")
 DIRECTIONS = ("upload", "download")
 BACKENDS = ("file", "s3")
 TRANSFER_RESULTS = ("ok", "aborted", "failed")

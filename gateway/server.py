@@ -17,6 +17,7 @@ from typing import Any
 import aioftp
 
 from gateway import admin
+from gateway.bans import make_store
 from gateway.commands.basic import ALIASES, NEEDS_ARGUMENT, PUBLIC_VERBS, BasicCommands
 from gateway.commands.checksums import ChecksumCommands
 from gateway.commands.control import ControlConnection
@@ -29,7 +30,7 @@ from gateway.config import Settings
 from gateway.datachannel import DataChannel, client_or_close, peer_of
 from gateway.drain import REFUSED_WHILE_DRAINING, drain, refuse_transfer
 from gateway.errors import Handler, command_errors
-from gateway.log import log_context
+from gateway.log import LogContext, log_context
 from gateway.session import SessionState
 from gateway.users.db import create_engine, display_url, ensure_schema
 from gateway.users.facts import DatabaseObjectFacts
@@ -183,7 +184,8 @@ class GatewayServer(
         connection is accepted, its data channel released when the connection ends. Urgent data stays in the
         stream (clients send ABOR as TCP urgent data, whose last byte Linux would otherwise take out of the line),
         and a session cancelled by ``close()`` ends quietly: Python 3.11's ``start_server`` callback would log it
-        as an error."""
+        as an error. A banned client, or one past ``limits.max_connections_per_ip``, gets 421 before any of it
+        (``gateway.bans``)."""
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
@@ -191,12 +193,35 @@ class GatewayServer(
         if self.proxy_policy is not None:
             client = await client_or_close(self.proxy_policy, reader, writer, "control connection")
             if client is None:
+                self.metrics.connection_refused("proxy_header")
                 await refuse(writer, "421 PROXY protocol header expected; closing.")
                 return
             host, port = client
             if self.draining:  # it began while the header was awaited
+                self.metrics.connection_refused("draining")
                 await refuse(writer, "421 Server shutting down.")
                 return
+        try:
+            refusal = await self.bans.refusal(host)
+        except asyncio.CancelledError:
+            return  # the server closes
+        if refusal is not None:
+            await self._refuse(writer, host, port, *refusal)
+            return
+        try:
+            await self._session(reader, writer, host, port)
+        finally:
+            self.bans.closed(host)
+
+    async def _refuse(self, writer: asyncio.StreamWriter, host: str, port: int, reason: str, text: str) -> None:
+        """A banned client, or one over its connections: 421 and the close, before any session exists."""
+        log_context.set(LogContext("-", host, port))
+        logger.info("connection refused (%s): %s", reason, text)
+        self.metrics.connection_refused(reason)
+        self.audit.event("refused", reason=reason, code="421")
+        await refuse(writer, f"421 {text}")
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int) -> None:
         local_host, *_ = writer.get_extra_info("sockname")
         data = DataChannel(
             self.passive_ports,
@@ -294,6 +319,9 @@ async def running_gateway(settings: Settings, *, reuse_port: bool = False) -> As
         resources.observer = server.metrics
         if server.pump is not None:
             stack.callback(server.pump.close)
+        if (ban_store := make_store(settings)) is not None:
+            server.bans.store = ban_store
+            stack.push_async_callback(ban_store.aclose)
         if settings.cluster.redis_url:
             from gateway.cluster import ClusterPorts  # redis is imported only by replicas of a cluster
 

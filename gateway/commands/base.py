@@ -25,6 +25,7 @@ from aioftp.common import StreamThrottle
 
 from gateway import runtime
 from gateway.audit import AuditLog
+from gateway.bans import Bans
 from gateway.config import Settings
 from gateway.datachannel import PassivePorts, Ports
 from gateway.errors import answer, transfer_errors, unwrap
@@ -99,6 +100,9 @@ class CommandBase(aioftp.Server):
         self.metrics.passive_ports_in_use.set_function(lambda: self.passive_ports.in_use)
         # Audit events (login, transfers, changes); written once ``running_gateway`` has entered it.
         self.audit = AuditLog(settings.log.audit)
+        # Failed logins, banned IPs, slowed user names, connections per IP; in memory until ``running_gateway`` gives
+        # it the Redis store (``bans.redis_url``).
+        self.bans = Bans(settings, self.metrics, self.audit)
         # The admin endpoint's URL once it serves (None: admin.listen = "off").
         self.admin_url: str | None = None
         # One per control connection, keyed by its writer: made and dropped by ``GatewayServer.dispatcher``.

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Iterable
+from pathlib import PurePosixPath
 
 import aioftp
 
@@ -142,6 +143,16 @@ class ControlConnection(CommandBase):
         if writer.transport.get_write_buffer_size():
             async with asyncio.timeout(stream.write_timeout):
                 await writer.drain()
+
+    async def greeting(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
+        """aioftp's 220, or its ``421 Too many connections`` past ``limits.max_connections`` (then the dispatcher
+        sends it and closes): that refusal is logged and counted here."""
+        if await super().greeting(connection, rest):
+            return True
+        logger.warning("connection refused: %d connections open (limits.max_connections)", self.max_connections)
+        self.metrics.connection_refused("max_connections")
+        self.audit.event("refused", reason="max_connections", code="421")
+        return False
 
     async def control_closed(self, connection: aioftp.Connection, rest: str) -> bool:
         logger.info("client closed the control connection")

@@ -42,6 +42,15 @@ class LoginCommands(CommandBase):
         if name is None:
             connection.response("503", "Send USER first.")
             return True
+        banned, delay = await self.bans.before_login(session.client_host, name)
+        if banned:
+            logger.warning("login refused for %r: the client's address is banned", name)
+            self._login_refused(name, "421", "address banned")
+            connection.response("421", "Too many failed logins from your address; closing control connection.")
+            return False
+        if delay:
+            # A user name under attack: every login for it waits, before the password is checked (gateway.bans).
+            await asyncio.sleep(delay)
         try:
             outcome = await self.user_manager.login(name, rest)
         except UserDatabaseUnavailable:
@@ -52,7 +61,7 @@ class LoginCommands(CommandBase):
             logger.warning("login refused for %r: %s", name, outcome.reason)
             self.metrics.login("failure")
             self.audit.event("login", user=name, result="failed", code="530")
-            return await self._login_failed(connection, session)
+            return await self._login_failed(connection, session, name)
         user = outcome.user
         try:
             # A local directory that does not exist yet is made now, for a user's own storage (``user add --storage``)
@@ -86,11 +95,16 @@ class LoginCommands(CommandBase):
         self.metrics.login("refused")
         self.audit.event("login", user=name, result="failed", code=code, reason=reason)
 
-    async def _login_failed(self, connection: aioftp.Connection, session: SessionState) -> bool:
+    async def _login_failed(self, connection: aioftp.Connection, session: SessionState, name: str) -> bool:
         session.login_name = None
         session.login_failures += 1
-        # Slows password guessing down; the session is closed after a few failures.
+        # Counted per client IP (a ban) and per user name (slowed): gateway.bans.
+        banned = await self.bans.failed(session.client_host, name)
+        # Slows password guessing down; the session is closed after a few failures, or once its IP is banned.
         await asyncio.sleep(self.settings.limits.failed_login_delay)
+        if banned:
+            connection.response("421", "Too many failed logins from your address; closing control connection.")
+            return False
         if session.login_failures >= self.settings.limits.max_login_failures:
             connection.response("421", "Too many failed logins; closing control connection.")
             return False

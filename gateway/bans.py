@@ -1,0 +1,475 @@
+"""Bans (``[bans]``): failed logins counted per client IP and per user name within ``bans.window`` seconds.
+
+* An IP with ``bans.max_failures`` failed logins in the window is banned for ``bans.duration``: its new control
+  connections get ``421`` and are closed before a session exists (``GatewayServer.dispatcher``), and a session it
+  still holds is closed at its next PASS. Logins from other IPs are never affected.
+* A user name with as many failures is slowed, never locked out: every PASS for it first waits
+  ``limits.failed_login_delay``, doubled with each further failure, at most ``bans.name_delay_max`` seconds. The
+  wait comes *before* the password is checked, for right and wrong passwords alike. A wait only after a wrong
+  password would not slow a guesser at all: a right password answers at once, so a guesser gives up on every
+  answer slower than that and reconnects. The owner's own logins are slowed by at most the cap, never refused.
+* The counts live in this server's memory, or in Redis (``bans.redis_url``, else ``cluster.redis_url``), shared by
+  every replica and by ``ftp-gateway ban list|delete``. Each failure is one Lua script (sorted sets of failure
+  times, the ban a key with an expiry, Redis' own clock), so replicas counting at once never lose a failure. When
+  Redis does not answer, the gateway logs it once and counts in memory (a ban made then holds on this replica), and
+  asks Redis again every :data:`RETRY_AFTER` seconds; bans made in either place are honoured.
+
+Traps avoided: no module-level state (each server its own store); a black-holed Redis costs a new connection at most
+``bans.redis_timeout`` once per :data:`RETRY_AFTER`, not on every connection; names an attacker makes up expire
+(memory is swept, Redis keys carry the window as expiry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import secrets
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from gateway.config import BanSettings, Settings
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# Seconds between attempts to reach a Redis that did not answer; meanwhile the memory store counts.
+RETRY_AFTER = 5.0
+# The memory store drops expired entries after this many new ones.
+SWEEP_EVERY = 1000
+
+# KEYS: the IP's failures, the name's failures, the IP's ban. ARGV: window ms, max failures, ban ms, a unique id.
+# Returns {state, ip failures, name failures}: state 0 not banned, 1 banned before, 2 banned by this failure.
+FAILURE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[1])
+local counts = {}
+for i = 1, 2 do
+  redis.call('ZADD', KEYS[i], now, now .. ':' .. ARGV[4])
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
+  redis.call('PEXPIRE', KEYS[i], window)
+  counts[i] = redis.call('ZCARD', KEYS[i])
+end
+local state = 0
+if redis.call('PTTL', KEYS[3]) > 0 then
+  state = 1
+elseif counts[1] >= tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[3], counts[1], 'PX', ARGV[3])
+  redis.call('DEL', KEYS[1])
+  state = 2
+end
+return {state, counts[1], counts[2]}
+"""
+# KEYS: the IP's ban, the name's failures. ARGV: window ms. Returns {ban ms left (<= 0: none), name failures}.
+CHECK = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return {redis.call('PTTL', KEYS[1]), redis.call('ZCOUNT', KEYS[2], now - tonumber(ARGV[1]), '+inf')}
+"""
+
+
+class BanStoreError(Exception):
+    """The ban store (Redis) cannot be reached: one line for the operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """What a failed login left: the IP is banned (``newly``: by this very failure), the failures counted."""
+
+    banned: bool
+    newly: bool
+    ip_failures: int
+    name_failures: int
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class BannedIP:
+    ip: str
+    remaining: float
+    failures: int
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class NameFailures:
+    name: str
+    failures: int
+
+
+class BanStore(Protocol):
+    async def banned(self, ip: str) -> float | None:
+        """Seconds the IP stays banned, or None."""
+
+    async def check(self, ip: str, name: str) -> tuple[float | None, int]:
+        """Before a login: the IP's ban (as :meth:`banned`) and the name's failures in the window."""
+
+    async def failure(self, ip: str, name: str) -> Failure: ...
+
+    async def bans(self) -> list[BannedIP]: ...
+
+    async def names(self) -> list[NameFailures]:
+        """User names with failures in the window."""
+
+    async def delete(self, ip: str) -> bool:
+        """Lift the IP's ban and forget its failures; False when it was not banned."""
+
+    async def aclose(self) -> None: ...
+
+
+def canonical_ip(host: str) -> str:
+    """One spelling per address (an IPv4-mapped IPv6 address as IPv4); ValueError for what is not an address."""
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def _key_ip(host: str) -> str:
+    try:
+        return canonical_ip(host)
+    except ValueError:
+        return host  # a unix socket or a test's odd peer: counted under what it is
+
+
+class MemoryStore:
+    """The counts in this process (monotonic clock), for one server."""
+
+    def __init__(self, policy: BanSettings, clock: Callable[[], float] = time.monotonic) -> None:
+        self._policy = policy
+        self._clock = clock
+        self._ip_failures: dict[str, deque[float]] = {}
+        self._name_failures: dict[str, deque[float]] = {}
+        self._bans: dict[str, tuple[float, int]] = {}
+        self._added = 0
+
+    def _count(self, table: dict[str, deque[float]], key: str, now: float, add: bool) -> int:
+        times = table.get(key)
+        if times is None:
+            if not add:
+                return 0
+            times = table[key] = deque()
+        while times and times[0] <= now - self._policy.window:
+            times.popleft()
+        if add:
+            times.append(now)
+        elif not times:
+            del table[key]
+        return len(times)
+
+    async def banned(self, ip: str) -> float | None:
+        entry = self._bans.get(ip)
+        if entry is None:
+            return None
+        remaining = entry[0] - self._clock()
+        if remaining <= 0:
+            del self._bans[ip]
+            return None
+        return remaining
+
+    async def check(self, ip: str, name: str) -> tuple[float | None, int]:
+        return await self.banned(ip), self._count(self._name_failures, name, self._clock(), add=False)
+
+    async def failure(self, ip: str, name: str) -> Failure:
+        now = self._clock()
+        self._added += 1
+        if self._added % SWEEP_EVERY == 0:
+            self._sweep(now)
+        ip_failures = self._count(self._ip_failures, ip, now, add=True)
+        name_failures = self._count(self._name_failures, name, now, add=True)
+        if await self.banned(ip) is not None:
+            return Failure(True, False, ip_failures, name_failures)
+        if ip_failures < self._policy.max_failures:
+            return Failure(False, False, ip_failures, name_failures)
+        self._bans[ip] = (now + self._policy.duration, ip_failures)
+        del self._ip_failures[ip]
+        return Failure(True, True, ip_failures, name_failures)
+
+    def _sweep(self, now: float) -> None:
+        for table in (self._ip_failures, self._name_failures):
+            for key in [key for key, times in table.items() if not times or times[-1] <= now - self._policy.window]:
+                del table[key]
+        for ip in [ip for ip, (until, _) in self._bans.items() if until <= now]:
+            del self._bans[ip]
+
+    async def bans(self) -> list[BannedIP]:
+        now = self._clock()
+        return sorted(BannedIP(ip, until - now, n) for ip, (until, n) in self._bans.items() if until > now)
+
+    async def names(self) -> list[NameFailures]:
+        now = self._clock()
+        counted = ((name, self._count(self._name_failures, name, now, add=False)) for name in list(self._name_failures))
+        return sorted(NameFailures(name, n) for name, n in counted if n)
+
+    async def delete(self, ip: str) -> bool:
+        banned = await self.banned(ip) is not None
+        self._ip_failures.pop(ip, None)
+        self._bans.pop(ip, None)
+        return banned
+
+    async def aclose(self) -> None:
+        pass
+
+
+class RedisStore:
+    """The counts in Redis, shared by the replicas (and read by ``ftp-gateway ban``). Every request is bounded by
+    ``bans.redis_timeout``; failures raise :class:`BanStoreError`. redis is imported here only, so a gateway
+    without Redis never imports it."""
+
+    def __init__(self, policy: BanSettings, url: str, prefix: str) -> None:
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import RedisError
+
+        self._policy = policy
+        self._errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+        self._redis: aioredis.Redis = aioredis.from_url(
+            url,
+            socket_timeout=policy.redis_timeout,
+            socket_connect_timeout=policy.redis_timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._failure = self._redis.register_script(FAILURE)
+        self._check = self._redis.register_script(CHECK)
+        self._prefix = f"{prefix}:bans:"
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self._prefix}{kind}:{name}"
+
+    async def _call(self, request: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self._policy.redis_timeout):
+                return await request
+        except self._errors as exc:
+            raise BanStoreError(f"Redis unreachable: {exc or type(exc).__name__}") from exc
+
+    async def banned(self, ip: str) -> float | None:
+        left = await self._call(self._redis.pttl(self._key("ip", ip)))
+        return left / 1000 if left > 0 else None
+
+    async def check(self, ip: str, name: str) -> tuple[float | None, int]:
+        keys = [self._key("ip", ip), self._key("name", name)]
+        left, failures = await self._call(self._check(keys=keys, args=[int(self._policy.window * 1000)]))
+        return (left / 1000 if left > 0 else None), int(failures)
+
+    async def failure(self, ip: str, name: str) -> Failure:
+        policy = self._policy
+        keys = [self._key("failures", ip), self._key("name", name), self._key("ip", ip)]
+        args: list[int | str] = [
+            int(policy.window * 1000),
+            policy.max_failures,
+            int(policy.duration * 1000),
+            secrets.token_hex(4),
+        ]
+        state, ip_failures, name_failures = await self._call(self._failure(keys=keys, args=args))
+        return Failure(state > 0, state == 2, int(ip_failures), int(name_failures))
+
+    async def _scan(self, kind: str) -> list[str]:
+        async def keys() -> list[str]:
+            return [key.decode() async for key in self._redis.scan_iter(match=self._key(kind, "*"), count=500)]
+
+        return [key.removeprefix(self._key(kind, "")) for key in await self._call(keys())]
+
+    async def bans(self) -> list[BannedIP]:
+        ips = await self._scan("ip")
+        pipe = self._redis.pipeline(transaction=False)
+        for ip in ips:
+            pipe.get(self._key("ip", ip))
+            pipe.pttl(self._key("ip", ip))
+        results: list[Any] = await self._call(pipe.execute()) if ips else []
+        found = []
+        for ip, failures, left in zip(ips, results[::2], results[1::2], strict=True):
+            if failures is not None and left > 0:
+                found.append(BannedIP(ip, left / 1000, int(failures)))
+        return sorted(found)
+
+    async def names(self) -> list[NameFailures]:
+        names = await self._scan("name")
+        since = (time.time() - self._policy.window) * 1000
+        pipe = self._redis.pipeline(transaction=False)
+        for name in names:
+            pipe.zcount(self._key("name", name), since, "+inf")
+        counts: list[int] = await self._call(pipe.execute()) if names else []
+        return sorted(NameFailures(name, n) for name, n in zip(names, counts, strict=True) if n)
+
+    async def delete(self, ip: str) -> bool:
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.delete(self._key("ip", ip))
+        pipe.delete(self._key("failures", ip))
+        removed, _ = await self._call(pipe.execute())
+        return bool(removed)
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+
+class FallbackStore:
+    """Redis, and this process's memory while Redis does not answer (logged once per outage; Redis is asked again
+    every ``retry_after`` seconds). A ban made in memory during an outage still holds on this replica after it."""
+
+    def __init__(self, shared: BanStore, memory: MemoryStore, retry_after: float = RETRY_AFTER) -> None:
+        self.shared = shared
+        self.memory = memory
+        self._retry_after = retry_after
+        # Until when Redis is not asked (monotonic time); None while it answers.
+        self._down_until: float | None = None
+
+    @property
+    def down(self) -> bool:
+        return self._down_until is not None
+
+    async def _either(self, shared: Callable[[], Awaitable[T]], local: Callable[[], Awaitable[T]]) -> T:
+        now = time.monotonic()
+        if self._down_until is not None and now < self._down_until:
+            return await local()
+        try:
+            result = await shared()
+        except BanStoreError as exc:
+            if self._down_until is None:
+                logger.error(
+                    "ban store: %s; counting failed logins in this process's memory, asking Redis again every %g s",
+                    exc,
+                    self._retry_after,
+                )
+            self._down_until = now + self._retry_after
+            return await local()
+        if self._down_until is not None:
+            self._down_until = None
+            logger.warning("ban store: Redis reachable again")
+        return result
+
+    async def banned(self, ip: str) -> float | None:
+        local = await self.memory.banned(ip)
+        if local is not None:
+            return local
+        return await self._either(lambda: self.shared.banned(ip), lambda: self.memory.banned(ip))
+
+    async def check(self, ip: str, name: str) -> tuple[float | None, int]:
+        local = await self.memory.check(ip, name)
+        if local[0] is not None:
+            return local
+        return await self._either(lambda: self.shared.check(ip, name), lambda: self.memory.check(ip, name))
+
+    async def failure(self, ip: str, name: str) -> Failure:
+        return await self._either(lambda: self.shared.failure(ip, name), lambda: self.memory.failure(ip, name))
+
+    async def bans(self) -> list[BannedIP]:
+        return sorted([*await self.memory.bans(), *await self._either(self.shared.bans, _nothing)])
+
+    async def names(self) -> list[NameFailures]:
+        return sorted([*await self.memory.names(), *await self._either(self.shared.names, _nothing)])
+
+    async def delete(self, ip: str) -> bool:
+        local = await self.memory.delete(ip)
+        return await self._either(lambda: self.shared.delete(ip), _false) or local
+
+    async def aclose(self) -> None:
+        await self.shared.aclose()
+
+
+async def _nothing() -> list[Any]:
+    return []
+
+
+async def _false() -> bool:
+    return False
+
+
+def redis_store(settings: Settings) -> RedisStore | None:
+    """The bans' Redis: ``bans.redis_url``, else the cluster's (keys under ``bans.key_prefix``, else the cluster's);
+    None: memory."""
+    url = settings.bans.redis_url or settings.cluster.redis_url
+    if url is None:
+        return None
+    return RedisStore(settings.bans, url, settings.bans.key_prefix or settings.cluster.key_prefix)
+
+
+class Events(Protocol):
+    """Where a ban is reported (``gateway.metrics.Metrics``, ``gateway.audit.AuditLog``)."""
+
+    def ip_banned(self) -> None: ...
+
+
+class Audit(Protocol):
+    def event(self, event: str, **fields: Any) -> None: ...
+
+
+class Bans:
+    """What the server asks of the bans, with its per-IP connection counts: one per server (never shared)."""
+
+    def __init__(self, settings: Settings, events: Events, audit: Audit, store: BanStore | None = None) -> None:
+        self._settings = settings
+        self._events = events
+        self._audit = audit
+        self.store: BanStore = store or MemoryStore(settings.bans)
+        # Control connections open per client IP (only counted when limits.max_connections_per_ip is set).
+        self._open: Counter[str] = Counter()
+
+    async def refusal(self, host: str) -> tuple[str, str] | None:
+        """Why a new control connection from ``host`` is refused, as (reason, the 421's text), or None: then it
+        is counted as one of ``host``'s connections until :meth:`closed`."""
+        ip = _key_ip(host)
+        left = await self.store.banned(ip)
+        if left is not None:
+            return "banned", f"Too many failed logins from your address; try again in {int(left) + 1} seconds."
+        limit = self._settings.limits.max_connections_per_ip
+        if limit:
+            if self._open[ip] >= limit:
+                return "per_ip_limit", f"Too many connections from your address (at most {limit}); closing."
+            self._open[ip] += 1
+        return None
+
+    def closed(self, host: str) -> None:
+        """A connection :meth:`refusal` let in has ended."""
+        if not self._settings.limits.max_connections_per_ip:
+            return
+        ip = _key_ip(host)
+        self._open[ip] -= 1
+        if self._open[ip] <= 0:
+            del self._open[ip]
+
+    async def before_login(self, host: str, name: str) -> tuple[bool, float]:
+        """At PASS, before the password is checked: is the IP banned, and how long this name's logins wait."""
+        left, failures = await self.store.check(_key_ip(host), name)
+        return left is not None, self.name_delay(failures)
+
+    def name_delay(self, failures: int) -> float:
+        """From ``max_failures`` failures on: ``limits.failed_login_delay``, doubled with each further failure, at
+        most ``bans.name_delay_max``."""
+        policy = self._settings.bans
+        over = failures - policy.max_failures
+        if over < 0:
+            return 0.0
+        return min(policy.name_delay_max, self._settings.limits.failed_login_delay * 2.0 ** min(over, 32))
+
+    async def failed(self, host: str, name: str) -> bool:
+        """Count a failed login; True when the IP is banned (now or before)."""
+        policy = self._settings.bans
+        failure = await self.store.failure(_key_ip(host), name)
+        if failure.newly:
+            logger.warning(
+                "client %s banned for %g seconds: %d failed logins within %g seconds",
+                host,
+                policy.duration,
+                failure.ip_failures,
+                policy.window,
+            )
+            self._events.ip_banned()
+            self._audit.event("ban", failures=failure.ip_failures, duration=policy.duration)
+        if failure.name_failures == policy.max_failures and policy.name_delay_max:
+            logger.warning(
+                "user name %r slowed: %d failed logins within %g seconds", name, failure.name_failures, policy.window
+            )
+        return failure.banned
+
+
+def make_store(settings: Settings) -> FallbackStore | None:
+    """The Redis-backed store when one is configured (see :func:`redis_store`), else None (memory)."""
+    shared = redis_store(settings)
+    return None if shared is None else FallbackStore(shared, MemoryStore(settings.bans))
