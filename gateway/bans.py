@@ -44,7 +44,12 @@ RETRY_AFTER = 5.0
 # The memory store drops expired entries after this many new ones.
 SWEEP_EVERY = 1000
 
-# KEYS: the IP's failures, the name's failures, the IP's ban. ARGV: window ms, max failures, ban ms, a unique id.
+# Failures kept per IP or name at most (beyond max_failures): a name under a long attack from many addresses costs
+# no more memory than this, and the delay has long reached its cap.
+KEPT_BEYOND_MAX = 64
+
+# KEYS: the IP's failures, the name's failures, the IP's ban. ARGV: window ms, max failures, ban ms, a unique id,
+# failures kept.
 # Returns {state, ip failures, name failures}: state 0 not banned, 1 banned before, 2 banned by this failure.
 FAILURE = """
 local t = redis.call('TIME')
@@ -54,6 +59,7 @@ local counts = {}
 for i = 1, 2 do
   redis.call('ZADD', KEYS[i], now, now .. ':' .. ARGV[4])
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
+  redis.call('ZREMRANGEBYRANK', KEYS[i], 0, -tonumber(ARGV[5]) - 1)
   redis.call('PEXPIRE', KEYS[i], window)
   counts[i] = redis.call('ZCARD', KEYS[i])
 end
@@ -153,7 +159,7 @@ class MemoryStore:
         if times is None:
             if not add:
                 return 0
-            times = table[key] = deque()
+            times = table[key] = deque(maxlen=self._policy.max_failures + KEPT_BEYOND_MAX)
         while times and times[0] <= now - self._policy.window:
             times.popleft()
         if add:
@@ -237,10 +243,11 @@ class RedisStore:
         )
         self._failure = self._redis.register_script(FAILURE)
         self._check = self._redis.register_script(CHECK)
-        self._prefix = f"{prefix}:bans:"
+        # Every key of the bans starts with it (``ban list`` scans under it).
+        self.prefix = f"{prefix}:bans:"
 
     def _key(self, kind: str, name: str) -> str:
-        return f"{self._prefix}{kind}:{name}"
+        return f"{self.prefix}{kind}:{name}"
 
     async def _call(self, request: Awaitable[T]) -> T:
         try:
@@ -266,6 +273,7 @@ class RedisStore:
             policy.max_failures,
             int(policy.duration * 1000),
             secrets.token_hex(4),
+            policy.max_failures + KEPT_BEYOND_MAX,
         ]
         state, ip_failures, name_failures = await self._call(self._failure(keys=keys, args=args))
         return Failure(state > 0, state == 2, int(ip_failures), int(name_failures))

@@ -21,7 +21,7 @@ import pytest
 
 from gateway import cli
 from gateway.audit import AuditLog
-from gateway.bans import Bans, BanStoreError, Failure, FallbackStore, MemoryStore
+from gateway.bans import Bans, BanStoreError, Failure, FallbackStore, MemoryStore, redis_store
 from gateway.config import BanSettings
 from gateway.config_permissions import secrets_in
 from gateway.metrics import Metrics
@@ -327,3 +327,17 @@ def test_fallback_store_uses_memory_while_redis_is_down_and_goes_back(caplog: py
     messages = [r.getMessage() for r in caplog.records]
     assert sum("counting failed logins in this process's memory" in m for m in messages) == 1, messages
     assert "ban store: Redis reachable again" in messages
+
+
+def test_serve_flags_and_the_cluster_redis_as_the_bans_store(tmp_path: Path) -> None:
+    args = cli.build_parser().parse_args(
+        ["serve", "--max-connections-per-ip", "3", "--ban-redis-url", "redis://bans:6379/1"]
+    )
+    settings = cli.settings_from(args)
+    assert settings.limits.max_connections_per_ip == 3 and settings.bans.redis_url == "redis://bans:6379/1"
+    # Unset, the bans go where the cluster's registry is, under its key prefix.
+    clustered = gateway_settings(tmp_path, cluster={"redis_url": "redis://shared:6379/0", "key_prefix": "east"})
+    store = redis_store(clustered)
+    assert store is not None and store.prefix == "east:bans:"
+    asyncio.run(store.aclose())
+    assert redis_store(gateway_settings(tmp_path)) is None
