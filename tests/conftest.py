@@ -94,6 +94,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A matrix test's report carries its (client, backend) cell: with pytest-xdist the report is made in a worker
+    and read in the controller (``pytest_runtest_logreport``), which prints the table."""
     outcome = yield
     marker = item.get_closest_marker("matrix")
     if marker is None or call.when not in ("setup", "call"):
@@ -103,11 +105,19 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     values = params.params if params is not None else {}
     client = marker.kwargs.get("client") or str(values.get("client", item.name))
     backend = str(values.get("backend_gateway", values.get("backend", "local")))
+    report.user_properties.append(("matrix", (client, backend)))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    cell = dict(report.user_properties).get("matrix")
+    if cell is None or report.when not in ("setup", "call"):
+        return
+    client, backend = cell
     if report.failed:
         MATRIX[client, backend] = "FAIL"
     elif report.skipped:
         MATRIX.setdefault((client, backend), "skipped")
-    elif call.when == "call":
+    elif report.when == "call":
         MATRIX.setdefault((client, backend), "pass")
 
 
