@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from gateway import __version__, ban_cli, runtime, s3_cleanup
+from gateway import __version__, ban_cli, cli_users, runtime, s3_cleanup
 from gateway import log as gateway_log
 from gateway.cli_types import (
     ban_options,
@@ -39,12 +39,7 @@ from gateway.config_permissions import exposed_secrets
 from gateway.runtime import EventLoopChoice
 from gateway.users.db import DatabaseError, create_engine, describe_error, ensure_schema, schema_revisions, upgrade
 from gateway.users.passwords import Passwords
-from gateway.users.store import (
-    UserChanges,
-    UserError,
-    UserInfo,
-    UserStore,
-)
+from gateway.users.store import UserChanges, UserError, UserStore
 
 if TYPE_CHECKING:
     from gateway.server import GatewayServer
@@ -312,15 +307,6 @@ def cmd_db_status(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if current == head else EXIT_USAGE
 
 
-def _limits(args: argparse.Namespace) -> dict[str, Any]:
-    values = {
-        "max_sessions": args.max_sessions,
-        "upload_limit": args.upload_limit,
-        "download_limit": args.download_limit,
-    }
-    return {k: v for k, v in values.items() if v is not None}
-
-
 def cmd_user_add(settings: Settings, args: argparse.Namespace) -> int:
     password_hash = Passwords().hash_now(read_password(args))
     permissions = {path: (r, w) for path, r, w in args.perm}
@@ -333,7 +319,7 @@ def cmd_user_add(settings: Settings, args: argparse.Namespace) -> int:
             home=args.home,
             read_only=args.read_only,
             permissions=permissions,
-            **_limits(args),
+            **cli_users.limits(args),
         ),
     )
     print(f"user {info.name} added")
@@ -346,41 +332,13 @@ def cmd_user_list(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([u.as_dict() for u in users], indent=2))
         return 0
-    rows = [("NAME", "ENABLED", "SESSIONS", "STORAGE", "LAST LOGIN")]
-    for u in users:
-        last = u.last_login_at.strftime("%Y-%m-%d %H:%M") if u.last_login_at else "never"
-        rows.append(
-            (u.name, "yes" if u.enabled else "no", str(u.max_sessions or "-"), u.storage_uri or "(default)", last)
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+    print("\n".join(cli_users.table(users)))
     return 0
-
-
-def _describe(info: UserInfo) -> list[str]:
-    def rate(value: int | None) -> str:
-        return f"{value} bytes/s" if value else "unlimited"
-
-    lines = [
-        f"name:           {info.name}",
-        f"enabled:        {'yes' if info.enabled else 'no'}",
-        f"storage:        {info.storage_uri or '(server default)'}",
-        f"home:           {info.home}",
-        f"max sessions:   {info.max_sessions or 'unlimited'}",
-        f"upload limit:   {rate(info.upload_limit)}",
-        f"download limit: {rate(info.download_limit)}",
-        f"created:        {info.created_at.isoformat(timespec='seconds') if info.created_at else '-'}",
-        f"last login:     {info.last_login_at.isoformat(timespec='seconds') if info.last_login_at else 'never'}",
-        "permissions:",
-    ]
-    lines += [f"  {path} {mode}" for path, mode in info.permissions.items()]
-    return lines
 
 
 def cmd_user_show(settings: Settings, args: argparse.Namespace) -> int:
     info = run_with_store(settings, lambda store: store.info(args.name))
-    print(json.dumps(info.as_dict(), indent=2) if args.json else "\n".join(_describe(info)))
+    print(json.dumps(info.as_dict(), indent=2) if args.json else "\n".join(cli_users.describe(info)))
     return 0
 
 
@@ -392,7 +350,7 @@ def cmd_user_passwd(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_user_set(settings: Settings, args: argparse.Namespace) -> int:
-    limits = _limits(args)
+    limits = cli_users.limits(args)
     changes = UserChanges(
         storage_uri=args.storage,
         default_storage=args.default_storage,
@@ -407,7 +365,7 @@ def cmd_user_set(settings: Settings, args: argparse.Namespace) -> int:
     if changes == UserChanges():
         raise CliError("nothing to change: give at least one option (see 'ftp-gateway user set --help')")
     info = run_with_store(settings, lambda store: store.change(args.name, changes))
-    print("\n".join(_describe(info)))
+    print("\n".join(cli_users.describe(info)))
     warn_if_storage_unusable(settings, args.storage)
     return 0
 

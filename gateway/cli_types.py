@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import parse_host_port, parse_port_range
-from gateway.users.store import PERMISSION_MODES, UserError, parse_permission
+from gateway.users.store import PERMISSION_MODES, TLS_MODES, UserError, parse_permission
 
 _SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?(/s)?", re.IGNORECASE)
 
@@ -22,6 +22,14 @@ def byte_rate(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid rate {text!r}: expected bytes per second such as 512K, 10M or 0")
     exponent = " kmgt".index(match.group(2).lower() or " ")
     return int(match.group(1)) << (10 * exponent)
+
+
+def byte_size(text: str) -> int:
+    """``0`` (none), ``500000``, ``512K``, ``10G``, ``2T`` (powers of 1024) bytes: as :func:`byte_rate`, no ``/s``."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match or match.group(4):
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: expected bytes such as 500M, 10G or 0")
+    return byte_rate(text)
 
 
 def non_negative_int(text: str) -> int:
@@ -138,6 +146,13 @@ def limit_options(parser: argparse.ArgumentParser) -> None:
         metavar="PATH=MODE",
         help=f"permission on a path and below, MODE one of {', '.join(PERMISSION_MODES)} (repeatable)",
     )
+    parser.add_argument(
+        "--tls", choices=TLS_MODES, help="whether the user must log in over TLS (default: the server's tls.required)"
+    )
+    parser.add_argument(
+        "--quota-bytes", type=byte_size, metavar="SIZE", help="bytes the user may store, e.g. 10G (0: none)"
+    )
+    parser.add_argument("--quota-files", type=non_negative_int, metavar="N", help="files the user may store (0: none)")
 
 
 def ban_options(parser: argparse.ArgumentParser) -> None:

@@ -51,6 +51,7 @@ def test_user_lifecycle(capsys: pytest.CaptureFixture[str], db: str) -> None:
         capsys,
         "user", "add", "alice", "--password-stdin", "--database", db,
         "--home", "/inbox", "--max-sessions", "2", "--upload-limit", "10M", "--perm", "/archive=r",
+        "--tls", "required", "--quota-bytes", "10G", "--quota-files", "100",
         stdin="first password\n",
     )  # fmt: skip
     assert code == 0 and "alice" in out
@@ -63,12 +64,18 @@ def test_user_lifecycle(capsys: pytest.CaptureFixture[str], db: str) -> None:
     assert shown["max_sessions"] == 2
     assert shown["upload_limit"] == 10 * 1024 * 1024
     assert shown["permissions"] == {"/": "rw", "/archive": "r"}
+    assert (shown["tls"], shown["quota_bytes"], shown["quota_files"]) == ("required", 10 << 30, 100)
+    assert (shown["used_bytes"], shown["used_files"]) == (0, 0)
     assert "password" not in out and "argon2" not in out
+    code, out, _ = run(capsys, "user", "show", "alice", "--database", db)
+    assert "tls:            required" in out
+    assert "bytes used:     0 / 10.0G" in out and "files used:     0 / 100" in out
 
     run(capsys, "user", "add", "bob", "--password-stdin", "--read-only", "--database", db, stdin="pw\n")
     code, out, _ = run(capsys, "user", "list", "--json", "--database", db)
     assert [u["name"] for u in json.loads(out)] == ["alice", "bob"]
     assert json.loads(out)[1]["permissions"] == {"/": "r"}
+    assert (json.loads(out)[1]["tls"], json.loads(out)[1]["quota_bytes"]) == (None, None)
     code, out, _ = run(capsys, "user", "list", "--database", db)
     assert out.splitlines()[0].split()[:2] == ["NAME", "ENABLED"]
 
@@ -82,6 +89,17 @@ def test_user_lifecycle(capsys: pytest.CaptureFixture[str], db: str) -> None:
     assert shown["permissions"] == {"/": "r"}
     assert shown["storage"] == "file:///srv/ftp/alice"
     assert shown["upload_limit"] == 10 * 1024 * 1024  # untouched
+    assert (shown["tls"], shown["quota_bytes"], shown["quota_files"]) == ("required", 10 << 30, 100)  # untouched
+    code, out, _ = run(
+        capsys, "user", "set", "alice", "--tls", "default", "--quota-bytes", "0", "--quota-files", "0",
+        "--database", db,
+    )  # fmt: skip
+    assert code == 0 and "tls:            (server default)" in out and "files used:     0 / unlimited" in out
+    shown = json.loads(run(capsys, "user", "show", "alice", "--json", "--database", db)[1])
+    assert (shown["tls"], shown["quota_bytes"], shown["quota_files"]) == (None, None, None)
+    assert run(capsys, "user", "set", "alice", "--tls", "optional", "--quota-bytes", "512K", "--database", db)[0] == 0
+    shown = json.loads(run(capsys, "user", "show", "alice", "--json", "--database", db)[1])
+    assert (shown["tls"], shown["quota_bytes"]) == ("optional", 512 * 1024)
 
     assert run(capsys, "user", "disable", "alice", "--database", db)[0] == 0
     assert json.loads(run(capsys, "user", "show", "alice", "--json", "--database", db)[1])["enabled"] is False
@@ -103,6 +121,9 @@ def test_user_lifecycle(capsys: pytest.CaptureFixture[str], db: str) -> None:
         (["user", "add", "alice", "--home", "relative"], "pw\n", "absolute path"),
         (["user", "add", "alice", "--perm", "/x=rwx"], "pw\n", "invalid permission"),
         (["user", "add", "alice", "--upload-limit", "fast"], "pw\n", "invalid rate"),
+        (["user", "add", "alice", "--quota-bytes", "10G/s"], "pw\n", "invalid size"),
+        (["user", "add", "alice", "--quota-files", "-1"], "pw\n", "--quota-files"),
+        (["user", "add", "alice", "--tls", "always"], "pw\n", "invalid choice"),
         (["user", "set", "nobody", "--read-only"], None, "no user 'nobody'"),
         (["user", "set", "nobody"], None, "nothing to change"),
         (["user", "frobnicate"], None, "invalid choice"),

@@ -68,6 +68,11 @@ class GatewayUser(aioftp.User):
         # delete the old row's id (when it was the highest), and revisions start at 1 again.
         self.created_at = row.created_at
         self.storage = storage
+        # "required" or "optional"; None: the server's tls.required decides.
+        self.tls = row.tls
+        # None: no quota. The usage is not kept here: it is read from the database (gateway.quota).
+        self.quota_bytes = row.quota_bytes
+        self.quota_files = row.quota_files
 
 
 @dataclass(frozen=True)

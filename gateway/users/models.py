@@ -44,6 +44,13 @@ class UserRow(Base):
     # Bytes per second over all of the user's sessions; None: unlimited.
     upload_limit: Mapped[int | None] = mapped_column(BigInteger)
     download_limit: Mapped[int | None] = mapped_column(BigInteger)
+    # "required" or "optional"; None: the server's tls.required decides.
+    tls: Mapped[str | None] = mapped_column(String(16))
+    # None: no quota. The usage is what the gateway accounted (gateway.quota); `user rescan` recounts it.
+    quota_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    quota_files: Mapped[int | None] = mapped_column(Integer)
+    used_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    used_files: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=func.now())
     last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

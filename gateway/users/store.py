@@ -18,6 +18,8 @@ from pathio_backends.uri import check_uri
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 PERMISSION_MODES = {"rw": (True, True), "r": (True, False), "w": (False, True), "none": (False, False)}
+# A user's TLS requirement; "default" (stored as NULL) follows the server's tls.required.
+TLS_MODES = ("required", "optional", "default")
 
 
 class UserError(Exception):
@@ -81,6 +83,15 @@ def check_limit(value: int | None, what: str) -> int | None:
     return value
 
 
+def check_tls(value: str | None) -> str | None:
+    """``required`` or ``optional``; None or ``default``: the server's ``tls.required`` decides (stored as NULL)."""
+    if value is None or value == "default":
+        return None
+    if value not in TLS_MODES:
+        raise InvalidUserInput(f"invalid TLS mode {value!r}: expected one of {', '.join(TLS_MODES)}")
+    return value
+
+
 def permission_text(readable: bool, writable: bool) -> str:
     return {(True, True): "rw", (True, False): "r", (False, True): "w", (False, False): "none"}[(readable, writable)]
 
@@ -99,6 +110,11 @@ class UserInfo:
     permissions: dict[str, str]
     created_at: datetime | None
     last_login_at: datetime | None
+    tls: str | None = None
+    quota_bytes: int | None = None
+    quota_files: int | None = None
+    used_bytes: int = 0
+    used_files: int = 0
 
     @classmethod
     def from_row(cls, row: UserRow | UserRecord) -> UserInfo:
@@ -113,6 +129,11 @@ class UserInfo:
             permissions={p.path: permission_text(p.readable, p.writable) for p in row.permissions},
             created_at=row.created_at,
             last_login_at=row.last_login_at,
+            tls=row.tls,
+            quota_bytes=row.quota_bytes,
+            quota_files=row.quota_files,
+            used_bytes=row.used_bytes,
+            used_files=row.used_files,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -127,6 +148,11 @@ class UserInfo:
             "permissions": dict(self.permissions),
             "created_at": self.created_at.isoformat() if self.created_at else None,
             "last_login_at": self.last_login_at.isoformat() if self.last_login_at else None,
+            "tls": self.tls,
+            "quota_bytes": self.quota_bytes,
+            "quota_files": self.quota_files,
+            "used_bytes": self.used_bytes,
+            "used_files": self.used_files,
         }
 
 
@@ -140,11 +166,15 @@ class UserChanges:
     max_sessions: int | None = None
     upload_limit: int | None = None
     download_limit: int | None = None
+    tls: str | None = None
+    quota_bytes: int | None = None
+    quota_files: int | None = None
     enabled: bool | None = None
     password_hash: str | None = None
     permissions: dict[str, tuple[bool, bool]] = field(default_factory=dict)
     remove_permissions: list[str] = field(default_factory=list)
-    # Limits are applied when their name is listed here (so "set to unlimited" differs from "leave as is").
+    # Limits (and tls) are applied when their name is listed here (so "set to unlimited" or "back to the server's
+    # default" differs from "leave as is").
     set_limits: set[str] = field(default_factory=set)
 
 
@@ -172,6 +202,11 @@ class UserRecord:
     updated_at: datetime
     last_login_at: datetime | None
     revision: int
+    tls: str | None
+    quota_bytes: int | None
+    quota_files: int | None
+    used_bytes: int
+    used_files: int
     permissions: tuple[PermissionRecord, ...]
 
 
@@ -210,6 +245,9 @@ class UserStore:
         max_sessions: int | None = None,
         upload_limit: int | None = None,
         download_limit: int | None = None,
+        tls: str | None = None,
+        quota_bytes: int | None = None,
+        quota_files: int | None = None,
         permissions: Mapping[str, tuple[bool, bool]] | None = None,
     ) -> UserInfo:
         check_name(name)
@@ -225,6 +263,11 @@ class UserStore:
             max_sessions=check_limit(max_sessions, "max sessions"),
             upload_limit=check_limit(upload_limit, "upload limit"),
             download_limit=check_limit(download_limit, "download limit"),
+            tls=check_tls(tls),
+            quota_bytes=check_limit(quota_bytes, "byte quota"),
+            quota_files=check_limit(quota_files, "file quota"),
+            used_bytes=0,
+            used_files=0,
             created_at=now,
             updated_at=now,
             revision=1,
@@ -289,6 +332,12 @@ class UserStore:
                 row.upload_limit = check_limit(changes.upload_limit, "upload limit")
             if "download_limit" in changes.set_limits:
                 row.download_limit = check_limit(changes.download_limit, "download limit")
+            if "tls" in changes.set_limits:
+                row.tls = check_tls(changes.tls)
+            if "quota_bytes" in changes.set_limits:
+                row.quota_bytes = check_limit(changes.quota_bytes, "byte quota")
+            if "quota_files" in changes.set_limits:
+                row.quota_files = check_limit(changes.quota_files, "file quota")
             if changes.enabled is not None:
                 row.enabled = changes.enabled
             if changes.password_hash is not None:
