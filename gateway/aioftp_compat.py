@@ -17,6 +17,7 @@ Public names of aioftp that its ``__all__`` does not list are imported where the
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 
 def buffered(reader: asyncio.StreamReader) -> bytes | bytearray:
@@ -50,3 +51,85 @@ async def wait_for_data(reader: asyncio.StreamReader) -> None:
     if buffered(reader) or reader.at_eof():
         return
     await getattr(reader, "_wait_for_data")("proxy_protocol")  # noqa: B009 - private, on purpose (see above)
+
+
+async def start_tls(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    context: ssl.SSLContext,
+    *,
+    handshake_timeout: float,
+    early: bool,
+) -> bytes:
+    """Make the connection TLS in place, this side the server (FTPS: the server is the TLS server of the control
+    and of every data connection, active ones included, which ``StreamWriter.start_tls`` would make the client).
+    The reader and writer stay the same objects (sessions are keyed by the writer) and speak TLS afterwards.
+
+    Bytes the reader already holds come before the upgrade: with ``early`` they are the client's first TLS bytes (a
+    data connection's ClientHello, read while the transfer was being set up, or after a PROXY header) and are
+    handed to the TLS layer before anything else is read from the socket; otherwise (the control connection after
+    AUTH) they are plaintext sent before the handshake, which must never count as protected, and are returned for
+    the caller to drop (the STARTTLS command injection, CVE-2011-0411).
+
+    Private names: the StreamWriter's ``_transport`` and the protocol's ``_replace_writer`` (what Python 3.11's
+    ``StreamWriter.start_tls``, which only does the client side here, sets). The StreamReader keeps pausing the TCP
+    transport for its flow control, on purpose: unread bytes then wait in the kernel, not undecrypted in the TLS
+    layer (paused there, uploads were seen to lose their end under uvloop). Feeding early bytes relies on
+    ``loop.start_tls`` (asyncio's and uvloop's alike) swapping in
+    its TLS protocol, a ``BufferedProtocol``, in its first step, before any read.
+    """
+    loop = asyncio.get_running_loop()
+    transport = writer.transport
+    transport.pause_reading()  # type: ignore[attr-defined]
+    first, _ = take_buffered(reader)
+    protocol = transport.get_protocol()
+    upgrade = asyncio.ensure_future(
+        loop.start_tls(
+            transport,
+            protocol,
+            context,
+            server_side=True,
+            ssl_handshake_timeout=handshake_timeout,
+        )
+    )
+    try:
+        if early and first:
+            await asyncio.sleep(0)  # the upgrade's first step runs: the TLS protocol is in place, nothing read yet
+            tls_protocol = transport.get_protocol()
+            # uvloop's TLS protocol is a BufferedProtocol in behaviour, not by class.
+            if tls_protocol is protocol or not hasattr(tls_protocol, "buffer_updated"):
+                raise ConnectionError("TLS upgrade did not start")
+            view = memoryview(first)
+            while view:
+                buffer = memoryview(tls_protocol.get_buffer(len(view)))  # type: ignore[attr-defined]
+                count = min(len(buffer), len(view))
+                buffer[:count] = view[:count]
+                tls_protocol.buffer_updated(count)
+                view = view[count:]
+        new_transport = await upgrade
+    except BaseException:
+        upgrade.cancel()
+        transport.close()
+        raise
+    if new_transport is None:
+        raise ConnectionError("TLS upgrade failed: the connection closed")
+    setattr(writer, "_transport", new_transport)  # noqa: B010 - private, on purpose (see above)
+    replace_writer = getattr(protocol, "_replace_writer", None)
+    if replace_writer is not None:
+        replace_writer(writer)
+    return b"" if early else first
+
+
+def ended_before_reset(reader: asyncio.StreamReader) -> bytes | None:
+    """After a reset on a data connection: what the reader still holds if the peer had ended its data first (its
+    TLS close_notify or FIN came before the reset), else None (the data was cut short).
+
+    A TLS 1.3 server sends session tickets after the handshake; a client that only uploads never reads them, and
+    a socket closed with unread bytes sends a reset instead of a FIN (curl and lftp do this). asyncio then hands
+    the reset to the reader, whose ``read`` raises it before returning what it holds: the last block of a complete
+    upload. Private names: the reader's ``_buffer`` and ``_eof`` (through :func:`take_buffered`).
+    """
+    if not getattr(reader, "_eof", False):
+        return None
+    data, _ = take_buffered(reader)
+    return data

@@ -32,6 +32,8 @@ from gateway.cli_types import (
     password_option,
     port_range,
     seconds,
+    tls_options,
+    tls_overrides,
     worker_number,
 )
 from gateway.config import ConfigError, Settings, load_settings
@@ -100,6 +102,7 @@ def build_parser() -> Parser:
     )
     observability_options(serve)
     ban_options(serve)
+    tls_options(serve)
     serve.set_defaults(func=cmd_serve)
 
     dev = commands.add_parser(
@@ -108,6 +111,7 @@ def build_parser() -> Parser:
     dev.add_argument("--listen", type=listen_address, metavar="HOST:PORT", help="control connection address")
     dev.add_argument("--data-dir", type=Path, metavar="DIR", help="keep the user database here (default: temporary)")
     dev.add_argument("--password-stdin", action="store_true", help="demo's password from stdin (default: generated)")
+    dev.add_argument("--tls", action="store_true", help="explicit FTPS with a self-signed certificate made for it")
     observability_options(dev)
     dev.set_defaults(func=cmd_dev)
 
@@ -233,7 +237,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         log["audit"] = args.audit_log
     if log:
         overrides["log"] = log
-    settings = load_settings(config, overrides | ban_overrides(args))
+    settings = load_settings(config, overrides | ban_overrides(args) | tls_overrides(args))
     if warning := exposed_secrets(config, strict=args.strict_permissions):
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
     return settings
@@ -465,9 +469,9 @@ async def warn_if_no_users(store: UserStore) -> None:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from gateway import workers
+    from gateway import tls, workers
     from gateway.admin import AdminListenError
-    from gateway.server import format_address
+    from gateway.server import listening_lines
 
     gateway_log.configure(settings.log.level, settings.log.format)
     if args.workers is not None:
@@ -477,22 +481,20 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
         # processes on one address could not tell which of them holds a session.
         raise CliError(f"--workers {settings.workers} does not go with cluster.redis_url: run one process per replica")
     count = 1 if settings.cluster.redis_url else workers.worker_count(settings.workers)
+    tls.check(settings, count)
 
-    def announce(port: int, admin_url: str | None) -> None:
+    def announce(port: int, admin_url: str | None, implicit_port: int | None = None) -> None:
         if count > 1:
             logger.info("%d worker processes share the control port", count)
-        # One write for both lines, so that nothing printed by another thread (the audit log) comes between.
-        lines = f"listening on ftp://{format_address(settings.listen_host, port)}\n"
-        if admin_url is not None:
-            lines += f"admin on {admin_url}\n"
-        sys.stdout.write(lines)
+        # One write for all lines, so that nothing printed by another thread (the audit log) comes between.
+        sys.stdout.write(listening_lines(settings, port, admin_url, implicit_port))
         sys.stdout.flush()
 
     if count == 1:
 
         async def ready(server: GatewayServer) -> None:
             await warn_if_no_users(server.user_manager.store)
-            announce(server.server_port, server.admin_url)
+            announce(server.server_port, server.admin_url, server.implicit_port)
 
         return serve(settings, ready)
 
@@ -526,7 +528,7 @@ def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     password = read_password(args) if args.password_stdin else secrets.token_urlsafe(12)
     gateway_log.configure(settings.log.level, settings.log.format)
     try:
-        with dev.environment(settings, args.data_dir, bool(args.database)) as (dev_settings, endpoint):
+        with dev.environment(settings, args.data_dir, bool(args.database), args.tls) as (dev_settings, endpoint):
             return serve(dev_settings, dev.when_ready(dev_settings, endpoint, password))
     except dev.MotoMissing as exc:
         raise CliError(str(exc)) from None

@@ -173,3 +173,27 @@ def ban_overrides(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "ban_redis_url", None):
         overrides["bans"] = {"redis_url": args.ban_redis_url}
     return overrides
+
+
+def tls_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("FTPS (RFC 4217)")
+    group.add_argument("--tls-cert", type=Path, metavar="FILE", help="certificate chain, PEM (the server's first)")
+    group.add_argument("--tls-key", type=Path, metavar="FILE", help="its private key, PEM")
+    group.add_argument(
+        "--tls-required", action="store_true", default=None, help="refuse logins and transfers without TLS"
+    )
+    group.add_argument(
+        "--implicit-tls-listen", type=listen_address, metavar="HOST:PORT", help="listener for implicit FTPS (port 990)"
+    )
+
+
+def tls_overrides(args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    """The ``tls`` settings the flags of :func:`tls_options` give (only those given)."""
+    values = {
+        "cert_file": getattr(args, "tls_cert", None),
+        "key_file": getattr(args, "tls_key", None),
+        "required": getattr(args, "tls_required", None),
+        "implicit_listen": getattr(args, "implicit_tls_listen", None),
+    }
+    given = {key: value for key, value in values.items() if value is not None}
+    return {"tls": given} if given else {}

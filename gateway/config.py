@@ -206,6 +206,42 @@ class BanSettings(_Section):
     redis_timeout: Annotated[float, Field(gt=0, le=60)] = 1.0
 
 
+class TLSSettings(_Section):
+    # FTPS (RFC 4217): the certificate chain (the server's certificate first) and its private key, PEM files; both
+    # or neither. SIGHUP reads them again.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # USER before AUTH TLS gets 530, a transfer or listing under PROT C gets 521 (a user's own ``tls`` overrides it).
+    required: bool = False
+    # HOST:PORT of a listener whose connections are TLS from the first byte (implicit FTPS, usually port 990).
+    implicit_listen: str | None = None
+    # A TLS data connection must resume the control connection's TLS session (vsftpd's require_ssl_reuse): proof
+    # that the data connection comes from the client who holds the control connection.
+    session_reuse: bool = True
+
+    @field_validator("implicit_listen")
+    @classmethod
+    def _implicit_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_host_port(value)
+        return value
+
+    @model_validator(mode="after")
+    def _certificate(self) -> Self:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: give both or neither")
+        if self.cert_file is None:
+            if self.required:
+                raise ValueError("required = true needs a certificate (cert_file and key_file)")
+            if self.implicit_listen is not None:
+                raise ValueError("implicit_listen needs a certificate (cert_file and key_file)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -218,7 +254,8 @@ class Settings(BaseSettings):
     # HOST:PORT of the control connection; port 0 picks a free one (the start-up line names it).
     listen: str = "127.0.0.1:2121"
     welcome_message: str = "ftp-gateway ready"
-    # The event loop: uvloop where it is installed ("auto"), else asyncio's own.
+    # The event loop: uvloop where it is installed ("auto"), else asyncio's own. With TLS, always asyncio's: uvloop's
+    # TLS loses the end of an upload whose client resets the connection after its last record (curl, lftp do).
     event_loop: EventLoopChoice = "auto"
     # Processes of ``serve`` sharing the control port (SO_REUSEPORT), each with a slice of the passive range;
     # 0: one per CPU.
@@ -236,12 +273,30 @@ class Settings(BaseSettings):
     proxy_protocol: ProxyProtocolSettings = ProxyProtocolSettings()
     cluster: ClusterSettings = ClusterSettings()
     bans: BanSettings = BanSettings()
+    tls: TLSSettings = TLSSettings()
 
     @field_validator("listen")
     @classmethod
     def _listen(cls, value: str) -> str:
         parse_host_port(value)
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _event_loop_for_tls(cls, data: Any) -> Any:
+        """``auto`` means asyncio's loop once a certificate is given (see ``event_loop``)."""
+        if isinstance(data, dict) and data.get("event_loop", "auto") == "auto":
+            tls = data.get("tls")
+            cert_file = tls.get("cert_file") if isinstance(tls, dict) else getattr(tls, "cert_file", None)
+            if cert_file is not None:
+                data = {**data, "event_loop": "asyncio"}
+        return data
+
+    @model_validator(mode="after")
+    def _uvloop_without_tls(self) -> Self:
+        if self.tls.enabled and self.event_loop == "uvloop":
+            raise ValueError("event_loop = uvloop does not go with TLS (uvloop's TLS can lose the end of uploads)")
+        return self
 
     @model_validator(mode="after")
     def _control_port_outside_passive_range(self) -> Self:

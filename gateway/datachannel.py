@@ -20,13 +20,16 @@ import collections
 import errno
 import ipaddress
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol
 
 from aioftp.common import StreamThrottle, ThrottleStreamIO
 
-from gateway.errors import DataConnectionError, NoDataConnection
+from gateway import aioftp_compat
+from gateway.errors import DataConnectionError, NoDataConnection, SessionNotResumed
 from gateway.proxy_protocol import ProxyHeaderError, ProxyPolicy
+from gateway.tls import without_tickets
 
 logger = logging.getLogger(__name__)
 # Hands a data connection to the session waiting on its port, with the client address it came from (the
@@ -146,6 +149,8 @@ class DataChannel:
         "_listener",
         "_accepted",
         "_active",
+        "tls",
+        "tls_reuse",
     )
 
     def __init__(
@@ -170,6 +175,10 @@ class DataChannel:
         # The connection the client made to the passive port, for the next transfer.
         self._accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] | None = None
         self._active: tuple[str, int] | None = None
+        # PROT P (RFC 4217): data connections are TLS with this context (the control connection's), and must
+        # resume its session when ``tls_reuse``. None: PROT C, plain.
+        self.tls: ssl.SSLContext | None = None
+        self.tls_reuse = True
 
     @property
     def ready(self) -> bool:
@@ -213,9 +222,27 @@ class DataChannel:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 reader, writer = await self._connection()
+                if self.tls is not None:
+                    await self._secure(reader, writer, self.tls)
         except (OSError, TimeoutError) as exc:
+            if isinstance(exc, NoDataConnection):
+                raise
             raise NoDataConnection(f"no data connection ({self.mode or 'no PASV/PORT'}): {exc!r}") from exc
         return ThrottleStreamIO(reader, writer, throttles=throttles, timeout=self._socket_timeout)
+
+    async def _secure(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, context: ssl.SSLContext
+    ) -> None:
+        """PROT P: this side is the TLS server (active connections too), and the client must resume the control
+        connection's session (``tls.session_reuse``): a session is only known to who holds the control
+        connection, so a stranger who connected to the passive port first gets nothing."""
+        with without_tickets():  # the client would not read them (see ``gateway.tls.ServerContext``)
+            await aioftp_compat.start_tls(reader, writer, context, handshake_timeout=self._connect_timeout, early=True)
+        ssl_object = writer.get_extra_info("ssl_object")
+        if self.tls_reuse and (ssl_object is None or not ssl_object.session_reused):
+            writer.close()
+            logger.warning("TLS data connection refused: it did not resume the control connection's TLS session")
+            raise SessionNotResumed("the data connection did not resume the control connection's TLS session")
 
     async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self.mode == "passive" and self._accepted is not None:
@@ -269,7 +296,10 @@ async def receive(stream: ThrottleStreamIO, count: int) -> bytes:
         async with asyncio.timeout(stream.read_timeout):
             data = await stream.reader.read(count)
     except (OSError, asyncio.IncompleteReadError) as exc:
-        raise DataConnectionError(f"data connection failed: {exc!r}") from exc
+        tail = aioftp_compat.ended_before_reset(stream.reader) if isinstance(exc, ConnectionResetError) else None
+        if tail is None:
+            raise DataConnectionError(f"data connection failed: {exc!r}") from exc
+        data = tail  # the data had ended before the reset (see ``ended_before_reset``); the next read gives b""
     stream.append("read", data, start)
     return data
 

@@ -6,6 +6,8 @@ memory, so the files are gone when the command stops; the users stay in ``--data
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import logging
 import sys
 import tempfile
@@ -16,8 +18,8 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from gateway.config import DatabaseSettings, Settings, StorageSettings
-from gateway.server import GatewayServer, format_address
+from gateway.config import DatabaseSettings, Settings, StorageSettings, TLSSettings
+from gateway.server import GatewayServer, format_address, listening_lines
 from gateway.users.passwords import Passwords
 from gateway.users.store import UserChanges, UserExists, UserStore
 from pathio_backends.s3.settings import S3Settings
@@ -89,11 +91,53 @@ async def ensure_demo_user(store: UserStore, passwords: Passwords, password: str
         await store.change(DEMO_USER, UserChanges(password_hash=password_hash, enabled=True))
 
 
+def self_signed_certificate(directory: Path) -> TLSSettings:
+    """A key and a self-signed certificate for 127.0.0.1, ::1 and localhost, valid for a week, written to
+    ``directory`` (the key readable by its owner only): for ``dev --tls``, which clients accept with ``-k``."""
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError as exc:
+        raise MotoMissing(f"ftp-gateway dev --tls needs cryptography: pip install 'ftp-gateway[dev]' ({exc})") from None
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ftp-gateway dev")])
+    now = datetime.datetime.now(datetime.UTC)
+    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    names.append(x509.IPAddress(ipaddress.ip_address("::1")))
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "dev-cert.pem", directory / "dev-key.pem"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.touch(mode=0o600)
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return TLSSettings(cert_file=cert_file, key_file=key_file)
+
+
 @contextmanager
-def environment(settings: Settings, data_dir: Path | None, database_given: bool) -> Iterator[tuple[Settings, str]]:
-    """The data directory and the in-process S3; yields the settings that point at them and S3's endpoint."""
+def environment(
+    settings: Settings, data_dir: Path | None, database_given: bool, tls: bool = False
+) -> Iterator[tuple[Settings, str]]:
+    """The data directory and the in-process S3; yields the settings that point at them and S3's endpoint.
+    ``tls``: explicit FTPS with a self-signed certificate made in the data directory."""
     with _data_dir(data_dir) as directory, in_process_s3() as endpoint:
-        yield dev_settings(settings, endpoint, directory, database_given), endpoint
+        configured = dev_settings(settings, endpoint, directory, database_given)
+        if tls:
+            tls_settings = self_signed_certificate(directory)
+            configured = configured.model_copy(update={"tls": tls_settings, "event_loop": "asyncio"})
+        yield configured, endpoint
 
 
 @contextmanager
@@ -123,7 +167,8 @@ def announce(server: GatewayServer, settings: Settings, endpoint: str, password:
         f"aws s3 ls --recursive --endpoint-url {endpoint} s3://{BUCKET}/",
         flush=True,
     )
-    print(f"try: curl -T somefile ftp://{DEMO_USER}:{password}@{address}/", flush=True)
-    admin = f"admin on {server.admin_url}\n" if server.admin_url else ""
-    sys.stdout.write(f"listening on ftp://{address}\n{admin}")
+    # -k: the certificate is self-signed (dev --tls made it).
+    tls = "--ssl-reqd -k " if settings.tls.enabled else ""
+    print(f"try: curl {tls}-T somefile ftp://{DEMO_USER}:{password}@{address}/", flush=True)
+    sys.stdout.write(listening_lines(settings, server.server_port, server.admin_url, server.implicit_port))
     sys.stdout.flush()

@@ -59,6 +59,8 @@ async def drain(server: CommandBase, cut_short: asyncio.Event) -> None:
         timeout,
     )
     server.server.close()  # the listening socket only: accepted connections stay open
+    if server.implicit_server is not None:
+        server.implicit_server.close()
     server.draining = True
     server.metrics.draining.set(1)
     if not server.sessions:

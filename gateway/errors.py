@@ -28,6 +28,11 @@ class NoDataConnection(ConnectionError):
     """No data connection could be made for a transfer: the client never connected, or active mode failed (425)."""
 
 
+class SessionNotResumed(NoDataConnection):
+    """A TLS data connection that did not resume the control connection's TLS session, with ``tls.session_reuse``
+    on (RFC 4217: 522, as vsftpd's ``require_ssl_reuse`` answers): it may come from someone else."""
+
+
 class RestartOffsetError(OSError):
     """REST pointed past the end of the file (RFC 3659: 554)."""
 
@@ -38,6 +43,7 @@ class RestartOffsetError(OSError):
 # Looked up in this order: our own exception types, then the errno of an OSError, then builtin types.
 _OWN: tuple[tuple[type[BaseException], str, str], ...] = (
     (RestartOffsetError, "554", "Invalid REST parameter."),
+    (SessionNotResumed, "522", "TLS data connection refused: it must resume the control connection's TLS session."),
     (NoDataConnection, "425", "Can't open data connection."),
     (DataConnectionError, "426", "Connection closed; transfer aborted."),
 )
@@ -69,6 +75,8 @@ _BY_TYPE: tuple[tuple[type[BaseException], str, str], ...] = (
     (TimeoutError, "451", "Storage timed out; try again."),
 )
 FALLBACK = ("451", "Local error in processing.")
+# 5xx replies that stay as they are after a 150: RFC 4217 names 522 for a data connection whose TLS failed.
+AFTER_PRELIMINARY = frozenset({"522"})
 
 
 def _lookup(exc: BaseException) -> tuple[str, str] | None:
@@ -93,12 +101,13 @@ def unwrap(exc: BaseException) -> BaseException:
 def reply_for(exc: BaseException, *, transfer: bool = False) -> tuple[str, str, bool]:
     """``(code, text, expected)``; ``expected`` is False for the fallback, whose traceback is worth logging.
 
-    After a ``150`` has gone out only transfer replies fit (RFC 959), so 5xx answers become ``451``.
+    After a ``150`` has gone out only transfer replies fit (RFC 959), so 5xx answers become ``451`` (but for
+    :data:`AFTER_PRELIMINARY`).
     """
     found = _lookup(unwrap(exc))
     expected = found is not None
     code, text = found or FALLBACK
-    if transfer and code.startswith("5"):
+    if transfer and code.startswith("5") and code not in AFTER_PRELIMINARY:
         code, text = "451", "Transfer failed: " + text[0].lower() + text[1:]
     return code, text, expected
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import aioftp
 
-from gateway import admin
+from gateway import admin, aioftp_compat
 from gateway.bans import make_store
 from gateway.commands.basic import ALIASES, NEEDS_ARGUMENT, PUBLIC_VERBS, BasicCommands
 from gateway.commands.checksums import ChecksumCommands
@@ -25,8 +25,9 @@ from gateway.commands.data import DataChannelCommands
 from gateway.commands.files import FileCommands
 from gateway.commands.listing import ListingCommands
 from gateway.commands.login import LoginCommands
+from gateway.commands.security import SecurityCommands
 from gateway.commands.transfer import TransferCommands
-from gateway.config import Settings
+from gateway.config import Settings, parse_host_port
 from gateway.datachannel import DataChannel, client_or_close, peer_of
 from gateway.drain import REFUSED_WHILE_DRAINING, drain, refuse_transfer
 from gateway.errors import Handler, command_errors
@@ -63,6 +64,7 @@ current_command: ContextVar[CommandRecord | None] = ContextVar("ftp_gateway_comm
 
 class GatewayServer(
     ControlConnection,
+    SecurityCommands,
     LoginCommands,
     BasicCommands,
     DataChannelCommands,
@@ -179,13 +181,24 @@ class GatewayServer(
         ok = code.startswith("2")
         self.audit.event(event, **fields, result="ok" if ok else "failed", **({} if ok else {"code": code}))
 
-    async def dispatcher(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def reload_tls(self) -> None:
+        """SIGHUP: read the certificate files again (``gateway.tls``); open sessions keep theirs."""
+        if self.tls is None:
+            logger.info("SIGHUP: no TLS certificate to reload")
+        else:
+            self.tls.reload()
+
+    async def dispatcher(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, implicit: bool = False
+    ) -> None:
         """aioftp's dispatcher, run as it is, with the session's state around it: made when the control
         connection is accepted, its data channel released when the connection ends. Urgent data stays in the
         stream (clients send ABOR as TCP urgent data, whose last byte Linux would otherwise take out of the line),
         and a session cancelled by ``close()`` ends quietly: Python 3.11's ``start_server`` callback would log it
         as an error. A banned client, or one past ``limits.max_connections_per_ip``, gets 421 before any of it
-        (``gateway.bans``)."""
+        (``gateway.bans``; on the implicit FTPS listener in clear, which such a client cannot read: no handshake
+        is spent on it). ``implicit``: a connection to the implicit FTPS listener, TLS from its first byte (after
+        a PROXY header) with PROT P from the start, as implicit FTPS clients expect."""
         sock = writer.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
@@ -209,7 +222,7 @@ class GatewayServer(
             await self._refuse(writer, host, port, *refusal)
             return
         try:
-            await self._session(reader, writer, host, port)
+            await self._session(reader, writer, host, port, implicit)
         finally:
             self.bans.closed(host)
 
@@ -221,7 +234,20 @@ class GatewayServer(
         self.audit.event("refused", reason=reason, code="421")
         await refuse(writer, f"421 {text}")
 
-    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int) -> None:
+    async def _session(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int, implicit: bool
+    ) -> None:
+        context = None
+        if implicit and self.tls is not None:
+            context = self.tls.context
+            try:
+                await aioftp_compat.start_tls(
+                    reader, writer, context, handshake_timeout=self.settings.timeouts.socket, early=True
+                )
+            except (OSError, TimeoutError) as exc:
+                logger.info("implicit TLS handshake from %s failed: %r", host, exc)
+                writer.close()
+                return
         local_host, *_ = writer.get_extra_info("sockname")
         data = DataChannel(
             self.passive_ports,
@@ -232,6 +258,9 @@ class GatewayServer(
         )
         login_deadline = asyncio.get_running_loop().time() + self.settings.timeouts.login
         session = SessionState(client_host=host, client_port=port, data=data, login_deadline=login_deadline)
+        if context is not None:
+            session.tls, session.pbsz = context, True
+            self.protect(session, context)
         self.sessions[writer] = session
         log_context.set(session.log_context())
         self.metrics.session_opened()
@@ -282,6 +311,17 @@ def format_address(host: str | None, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def listening_lines(settings: Settings, port: int, admin_url: str | None, implicit_port: int | None = None) -> str:
+    """What ``serve`` prints once it listens: the FTP address, the implicit FTPS one, the admin endpoint."""
+    lines = f"listening on ftp://{format_address(settings.listen_host, port)}\n"
+    if settings.tls.implicit_listen:
+        host, configured = parse_host_port(settings.tls.implicit_listen)
+        lines += f"listening on ftps://{format_address(host, implicit_port or configured)}\n"
+    if admin_url is not None:
+        lines += f"admin on {admin_url}\n"
+    return lines
+
+
 async def serve_until_signalled(
     settings: Settings, ready: Callable[[GatewayServer], Awaitable[None]], *, reuse_port: bool = False
 ) -> None:
@@ -294,10 +334,17 @@ async def serve_until_signalled(
         if signal.getsignal(signum) is not signal.SIG_IGN:
             loop.add_signal_handler(signum, signalled.set)
     async with running_gateway(settings, reuse_port=reuse_port) as server:
-        await ready(server)
-        await signalled.wait()
-        signalled.clear()
-        await drain(server, signalled)
+        reload = signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN
+        if reload:
+            loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
+        try:
+            await ready(server)
+            await signalled.wait()
+            signalled.clear()
+            await drain(server, signalled)
+        finally:
+            if reload:
+                loop.remove_signal_handler(signal.SIGHUP)
 
 
 @asynccontextmanager
@@ -340,6 +387,12 @@ async def running_gateway(settings: Settings, *, reuse_port: bool = False) -> As
         else:
             await server.start(settings.listen_host, settings.listen_port)
         stack.push_async_callback(server.close)
+        if settings.tls.implicit_listen:
+            host, port = parse_host_port(settings.tls.implicit_listen)
+            implicit = functools.partial(server.dispatcher, implicit=True)
+            server.implicit_server = await asyncio.start_server(implicit, host, port, reuse_port=reuse_port or None)
+            stack.callback(server.implicit_server.close)  # before ``server.close`` cuts its sessions
+            server.implicit_port = server.implicit_server.sockets[0].getsockname()[1]
         app = admin.make_app(readiness, server.metrics.registry)
         server.admin_url = await stack.enter_async_context(admin.admin_endpoint(settings.admin.listen, app))
         yield server

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import ssl
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Literal
@@ -58,6 +59,14 @@ class SessionState:
     rename_from: PurePosixPath | None = None
     # The replies of this session's commands are counted (``GatewayServer._command``).
     replies_counted: bool = False
+    # FTPS: the TLS context the control connection was secured with (AUTH TLS, or the implicit listener); its data
+    # connections use the same one (``gateway.tls``). None: plain.
+    tls: ssl.SSLContext | None = None
+    # PBSZ was answered (RFC 4217: it comes before PROT).
+    pbsz: bool = False
+    # AUTH TLS's 234 is on its way: resolved by ``write_response`` once it is written, with reading paused, so that
+    # no byte of the handshake is read as a command.
+    tls_reply_written: asyncio.Future[None] | None = None
 
     @property
     def path_io(self) -> TransactionalPathIO:

@@ -140,7 +140,12 @@ def serve_workers(
         for pid in children:
             _signal(pid, signal.SIGTERM)
 
+    def reload(signum: int, frame: object) -> None:
+        for pid in children:
+            _signal(pid, signal.SIGHUP)  # each worker reads the certificate files again
+
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, reload)
     try:
         for index, passive in enumerate(slices):
             pid = os.fork()

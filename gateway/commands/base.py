@@ -33,6 +33,7 @@ from gateway.metrics import Metrics
 from gateway.proxy_protocol import ProxyPolicy
 from gateway.pump import TransferPump
 from gateway.session import SessionState
+from gateway.tls import ServerTLS
 from gateway.users.manager import DatabaseUserManager, GatewayUser
 
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -103,6 +104,11 @@ class CommandBase(aioftp.Server):
         # Failed logins, banned IPs, slowed user names, connections per IP; in memory until ``running_gateway`` gives
         # it the Redis store (``bans.redis_url``).
         self.bans = Bans(settings, self.metrics, self.audit)
+        # FTPS (``gateway.tls``): the context new TLS connections get (SIGHUP makes a new one); None: no certificate.
+        self.tls = ServerTLS(settings.tls) if settings.tls.enabled else None
+        # The implicit FTPS listener and its port once it listens (``running_gateway``); None: none.
+        self.implicit_server: asyncio.Server | None = None
+        self.implicit_port: int | None = None
         # The admin endpoint's URL once it serves (None: admin.listen = "off").
         self.admin_url: str | None = None
         # One per control connection, keyed by its writer: made and dropped by ``GatewayServer.dispatcher``.
@@ -122,6 +128,15 @@ class CommandBase(aioftp.Server):
     def option(self, connection: aioftp.Connection, session: SessionState, name: str, value: str) -> bool:
         """Answer ``OPTS name value`` and return True if this group knows the option (else ask ``super()``)."""
         return False
+
+    def login_refusal(self, session: SessionState, user: GatewayUser | None) -> str | None:
+        """Why this session may not log in (as ``user``, once its password is checked; None at USER): a 530's
+        text, or None."""
+        return None
+
+    def data_refusal(self, session: SessionState) -> str | None:
+        """Why this session's next transfer may not use its data connection as it is set up: a 521's text, or None."""
+        return None
 
     # -- transfers -------------------------------------------------------------------------------------
 
@@ -220,12 +235,17 @@ class CommandBase(aioftp.Server):
 
 
 def data_channel_ready(handler: F) -> F:
-    """425 unless PASV, EPSV, PORT or EPRT came first: a check of the shape of aioftp's ``ConnectionConditions``."""
+    """425 unless PASV, EPSV, PORT or EPRT came first, 521 when the data connection must be protected and is not
+    (RFC 4217): a check of the shape of aioftp's ``ConnectionConditions``."""
 
     @functools.wraps(handler)
     async def checked(self: CommandBase, connection: aioftp.Connection, *args: Any, **kwargs: Any) -> bool:
-        if not self.session(connection).data.ready:
+        session = self.session(connection)
+        if not session.data.ready:
             connection.response("425", "Use PASV, EPSV, PORT or EPRT first.")
+            return True
+        if (refusal := self.data_refusal(session)) is not None:
+            connection.response("521", refusal)
             return True
         return await handler(self, connection, *args, **kwargs)
 

@@ -14,7 +14,9 @@ from gateway.session import SessionState
 logger = logging.getLogger(__name__)
 
 # Verbs that answer before login; every other one gets 530 until PASS succeeded.
-PUBLIC_VERBS = frozenset({"user", "pass", "quit", "feat", "help", "noop", "syst", "opts", "clnt"})
+PUBLIC_VERBS = frozenset(
+    {"user", "pass", "quit", "feat", "help", "noop", "syst", "opts", "clnt", "auth", "pbsz", "prot", "ccc"}
+)
 # Verbs whose argument may not be empty (501 otherwise).
 NEEDS_ARGUMENT = frozenset(
     {"user", "cwd", "xcwd", "mkd", "xmkd", "rmd", "xrmd", "dele", "retr", "stor", "appe", "rnfr", "rnto",

@@ -140,6 +140,8 @@ class ControlConnection(CommandBase):
         if writer.transport.is_closing():
             return
         writer.write("\r\n".join(text).encode(self.encoding))
+        if code == "234":
+            self._tls_reply_written(writer)
         if writer.transport.get_write_buffer_size():
             async with asyncio.timeout(stream.write_timeout):
                 await writer.drain()
@@ -153,6 +155,14 @@ class ControlConnection(CommandBase):
         self.metrics.connection_refused("max_connections")
         self.audit.event("refused", reason="max_connections", code="421")
         return False
+
+    def _tls_reply_written(self, writer: asyncio.StreamWriter) -> None:
+        """AUTH TLS's 234 is written: stop reading at once, in the same step (the client's handshake may be the
+        next thing on the wire), and let AUTH's handler start the handshake."""
+        session = self.sessions.get(writer)
+        if session is not None and session.tls_reply_written is not None and not session.tls_reply_written.done():
+            writer.transport.pause_reading()  # type: ignore[attr-defined]
+            session.tls_reply_written.set_result(None)
 
     async def control_closed(self, connection: aioftp.Connection, rest: str) -> bool:
         logger.info("client closed the control connection")

@@ -28,6 +28,9 @@ class LoginCommands(CommandBase):
         if session.user is not None:
             connection.response("530", "Can't change to another user.")
             return True
+        if (refusal := self.login_refusal(session, None)) is not None:
+            connection.response("530", refusal)
+            return True
         session.login_name = rest
         log_context.set(session.log_context())
         connection.response("331", "Password required.")
@@ -37,6 +40,9 @@ class LoginCommands(CommandBase):
         session = self.session(connection)
         if session.user is not None:
             connection.response("503", "Already logged in.")
+            return True
+        if (refusal := self.login_refusal(session, None)) is not None:
+            connection.response("530", refusal)
             return True
         name = session.login_name
         if name is None:
@@ -63,6 +69,12 @@ class LoginCommands(CommandBase):
             self.audit.event("login", user=name, result="failed", code="530")
             return await self._login_failed(connection, session, name)
         user = outcome.user
+        if (refusal := self.login_refusal(session, user)) is not None:
+            logger.warning("login of %r refused: %s", name, refusal)
+            session.login_name = None
+            self._login_refused(name, "530", "TLS required")
+            connection.response("530", refusal)
+            return True
         try:
             # A local directory that does not exist yet is made now, for a user's own storage (``user add --storage``)
             # as for the default one; ``user add`` warns when it could not be (``pathio_backends.probe``).

@@ -1,0 +1,136 @@
+"""FTPS (RFC 4217): the server's TLS context, made from the certificate files, and made again on SIGHUP.
+
+A reload builds a fresh context and swaps it in: connections that begin afterwards get the new certificate, those
+already open keep theirs. Each session keeps the context its control connection was secured with (see
+``SessionState.tls``) and secures its data connections with that same one: session resumption (the proof that a
+data connection comes from the holder of the control connection) works only within one context, whose session
+cache and ticket keys are its own. A reload that fails (a file missing, a key that does not match) is logged, and
+the old context stays.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+from gateway.config import ConfigError, Settings, TLSSettings, parse_host_port
+
+logger = logging.getLogger(__name__)
+
+# TLS 1.2 suites: ECDHE key exchange and an AEAD cipher only (TLS 1.3's own suites are all of that kind).
+CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+# The TLS 1.3 session tickets a connection set up in this context sends; None: the context's own (two).
+_tickets: ContextVar[int | None] = ContextVar("ftp_gateway_tls_tickets", default=None)
+
+
+class ServerContext(ssl.SSLContext):
+    """An SSL context whose connections can be told to send no session tickets (:func:`without_tickets`).
+
+    TLS 1.3 sends tickets after the handshake. A client that only uploads on a data connection never reads them,
+    and its kernel, closing a socket with unread bytes, sends a reset that throws away what it had not sent yet: the
+    end of the upload (curl and lftp, measured). A data connection needs no ticket (the client resumes the control
+    connection's session), so none is sent there. OpenSSL copies the count into each connection when it is made
+    (``SSL_new``, here in ``wrap_bio``, which asyncio and uvloop call in a callback run in the context of the task
+    that started the upgrade), so setting it around that call affects no other connection."""
+
+    def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        tickets = _tickets.get()
+        if tickets is None:
+            return super().wrap_bio(*args, **kwargs)
+        saved, self.num_tickets = self.num_tickets, tickets
+        try:
+            return super().wrap_bio(*args, **kwargs)
+        finally:
+            self.num_tickets = saved
+
+
+@contextmanager
+def without_tickets() -> Iterator[None]:
+    """TLS connections begun inside (their upgrade's task started here) send no session tickets."""
+    token = _tickets.set(0)
+    try:
+        yield
+    finally:
+        _tickets.reset(token)
+
+
+class TLSError(ConfigError):
+    """The certificate or key cannot be used; a one-line message naming the file."""
+
+
+def make_context(settings: TLSSettings) -> ssl.SSLContext:
+    """A server context: TLS 1.2 or newer, forward-secret AEAD suites, no compression or renegotiation, and
+    OpenSSL's server-side session cache and tickets (both on by default), which resumption needs."""
+    cert_file, key_file = settings.cert_file, settings.key_file
+    if cert_file is None or key_file is None:
+        raise TLSError("TLS needs tls.cert_file and tls.key_file")
+    for what, path in (("certificate", cert_file), ("key", key_file)):
+        _readable(what, path)
+    context = ServerContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except ssl.SSLError as exc:
+        reason = exc.reason or str(exc)
+        if "KEY_VALUES_MISMATCH" in str(exc) or "values mismatch" in str(exc):
+            raise TLSError(f"tls.key_file {str(key_file)!r} is not the key of {str(cert_file)!r}") from None
+        raise TLSError(f"cannot load tls.cert_file {str(cert_file)!r} with its key: {reason}") from None
+    return context
+
+
+def _readable(what: str, path: Path) -> None:
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except FileNotFoundError:
+        raise TLSError(f"TLS {what} file {str(path)!r} not found") from None
+    except IsADirectoryError:
+        raise TLSError(f"TLS {what} file {str(path)!r} is a directory") from None
+    except PermissionError:
+        raise TLSError(f"TLS {what} file {str(path)!r} is not readable") from None
+
+
+def check(settings: Settings, workers: int = 1) -> None:
+    """What ``serve`` checks before it starts (a :class:`TLSError`, exit 2): the files load, and an implicit
+    listener shared by several workers has a fixed port (each would pick its own for port 0)."""
+    if not settings.tls.enabled:
+        return
+    make_context(settings.tls)
+    if settings.tls.implicit_listen and workers > 1 and parse_host_port(settings.tls.implicit_listen)[1] == 0:
+        raise TLSError("tls.implicit_listen needs a fixed port when several workers serve (--workers 1 for port 0)")
+
+
+class ServerTLS:
+    """A server's TLS: the context new connections get, and its policy."""
+
+    def __init__(self, settings: TLSSettings) -> None:
+        self.settings = settings
+        self.context = make_context(settings)
+
+    @property
+    def required(self) -> bool:
+        return self.settings.required
+
+    @property
+    def session_reuse(self) -> bool:
+        return self.settings.session_reuse
+
+    def reload(self) -> bool:
+        """Read the certificate files again (SIGHUP); on failure log why and keep the current context."""
+        try:
+            context = make_context(self.settings)
+        except TLSError as exc:
+            logger.error("TLS certificate not reloaded, the previous one stays: %s", exc)
+            return False
+        self.context = context
+        logger.info("TLS certificate reloaded from %s", self.settings.cert_file)
+        return True
