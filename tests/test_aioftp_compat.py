@@ -150,3 +150,56 @@ async def test_connection_keeps_aioftps_fields_as_futures() -> None:
     assert connection.future.logged.done() and connection.logged is True
     del connection.logged
     assert "logged" not in connection
+
+
+async def test_start_tls_server_side_with_the_clients_first_bytes_already_read() -> None:
+    """A data connection's ClientHello is often read before the upgrade (or after a PROXY header): it is handed to
+    the TLS layer first; the reader and writer stay the same objects and speak TLS afterwards."""
+    import socket
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    done: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await aioftp_compat.wait_for_data(reader)  # the ClientHello, read as plain bytes
+        assert aioftp_compat.buffered(reader)
+        await aioftp_compat.start_tls(reader, writer, server_context, handshake_timeout=5, early=True)
+        assert writer.get_extra_info("ssl_object") is not None
+        line = await reader.readline()
+        writer.write(line.upper())
+        await writer.drain()
+        done.set_result(line)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    def client() -> bytes:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            client_context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            tls.sendall(b"hello\n")
+            return tls.recv(100)
+
+    assert await asyncio.to_thread(client) == b"HELLO\n"
+    assert await asyncio.wait_for(done, 5) == b"hello\n"
+    server.close()
+
+
+async def test_ended_before_reset() -> None:
+    """A reset after the peer's end of data leaves what the reader holds; a reset before it, nothing."""
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"last block")
+    assert aioftp_compat.ended_before_reset(reader) is None
+    reader.feed_eof()
+    reader.set_exception(ConnectionResetError())
+    assert aioftp_compat.ended_before_reset(reader) == b"last block"
+    assert aioftp_compat.ended_before_reset(reader) == b""

@@ -479,3 +479,32 @@ def test_relayed_data_connection_keeps_its_tls_end_to_end(tmp_path: Path, certs:
             "ftp_gateway_relayed_data_connections_total", {"role": "sent"}
         )
         assert sent == 2
+
+
+def test_a_users_own_tls_setting(tmp_path: Path, certs: Certificates) -> None:
+    """``required`` on a server where TLS is optional; ``optional`` on one where it is required."""
+    with running(gateway_settings(tmp_path, tls=certs.settings(session_reuse=False))) as gw:
+        gw.add_user("strict", tls="required")
+        gw.add_user("relaxed")
+        with ftplib.FTP() as ftp:
+            ftp.connect("127.0.0.1", gw.port, timeout=10)
+            assert reply(ftp, "USER strict").startswith("331")  # nothing told before the password
+            assert reply(ftp, "PASS wrong").startswith("530")
+            assert reply(ftp, "USER strict").startswith("331")
+            assert reply(ftp, "PASS secret") == "530 TLS required: send AUTH TLS first."
+            ftp.login("relaxed", "secret")
+            ftp.storbinary("STOR plain.txt", io.BytesIO(b"plain"))
+        ftp_tls = ftplib.FTP_TLS(context=certs.client_context())
+        ftp_tls.connect("127.0.0.1", gw.port, timeout=10)
+        ftp_tls.login("strict", "secret")
+        ftp_tls.sendcmd("PASV")
+        assert reply(ftp_tls, "STOR clear.bin").startswith("521")
+        ftp_tls.quit()
+    with running(gateway_settings(tmp_path / "2", tls=certs.settings(required=True))) as gw:
+        gw.add_user("relaxed", tls="optional")
+        ftp_tls = ftplib.FTP_TLS(context=certs.client_context())
+        ftp_tls.connect("127.0.0.1", gw.port, timeout=10)
+        ftp_tls.login("relaxed", "secret")  # over TLS: USER before AUTH gets 530 for every name
+        ftp_tls.storbinary("STOR clear.txt", io.BytesIO(b"clear"))  # PROT C allowed for this user
+        ftp_tls.quit()
+        assert gw.files.files("relaxed")["clear.txt"] == b"clear"

@@ -38,10 +38,13 @@ class SecurityCommands(CommandBase):
     # -- policy ----------------------------------------------------------------------------------------
 
     def _user_requires_tls(self, user: GatewayUser | None) -> bool:
-        """A user's own ``tls`` (``required``/``optional``) wins over ``tls.required``."""
-        own = getattr(user, "tls", None)
+        """A user's own ``tls`` (``user add/set --tls``: ``required``/``optional``) wins over ``tls.required``.
+        Before the password is checked (``user`` None: USER, and PASS on a connection whose USER was refused) only
+        ``tls.required`` can decide: telling a name's setting before that would tell which names exist. So with
+        ``tls.required`` on, ``optional`` lets a user's transfers go in clear (PROT C), not its login."""
+        own = user.tls if user is not None else None
         if own is not None:
-            return bool(own == "required")
+            return own == "required"
         return self.tls is not None and self.tls.required
 
     def login_refusal(self, session: SessionState, user: GatewayUser | None) -> str | None:
