@@ -8,7 +8,6 @@ import asyncio
 import ftplib
 import io
 import os
-import re
 import signal
 import socket
 import ssl
@@ -26,6 +25,7 @@ from gateway.config import DatabaseSettings
 from gateway.users.db import create_engine, ensure_schema
 from gateway.users.passwords import Passwords
 from gateway.users.store import UserStore
+from tests.balancer import free_port_on
 from tests.helpers import (
     GatewayThread,
     free_passive_range,
@@ -36,6 +36,7 @@ from tests.helpers import (
     running,
     sha256,
     stop_server,
+    wait_until,
 )
 
 REDIS_URL = os.environ.get("FTP_GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -308,26 +309,27 @@ def test_reload_new_sessions_get_the_new_certificate(tmp_path: Path) -> None:
 
 
 def test_sighup_reloads_serve(tmp_path: Path) -> None:
-    """``serve`` as a process: its start-up lines name both listeners, SIGHUP reloads, sessions continue."""
+    """``serve`` with two workers: its start-up lines name both listeners; SIGHUP, passed on to each worker,
+    reloads the certificate for new sessions while an open one goes on."""
     certs = Certificates(tmp_path / "certs")
     env = {**os.environ, "FTP_GATEWAY_LIMITS__FAILED_LOGIN_DELAY": "0"}
     env.pop("FTP_GATEWAY_CONFIG", None)
     database = f"sqlite:///{tmp_path / 'users.db'}"
-    command = [str(Path(sys.executable).with_name("ftp-gateway"))]
     asyncio.run(add_user(database, "alice", "secret"))  # in this process: a CLI run costs seconds here
+    low, high = free_passive_range(10)
+    implicit_port = free_port_on(["127.0.0.1"])
     process = subprocess.Popen(
-        [*command, "serve", "--listen", "127.0.0.1:0", "--admin-listen", "off", "--workers", "1",
-         "--database", database, "--passive-ports", "31200-31249", "--storage", f"file://{tmp_path}/data/{{username}}",
-         "--tls-cert", str(certs.cert_file), "--tls-key", str(certs.key_file), "--tls-required",
-         "--implicit-tls-listen", "127.0.0.1:0"],
+        [str(Path(sys.executable).with_name("ftp-gateway")), "serve", "--listen", "127.0.0.1:0",
+         "--admin-listen", "off", "--workers", "2", "--database", database, "--passive-ports", f"{low}-{high}",
+         "--storage", f"file://{tmp_path}/data/{{username}}", "--tls-cert", str(certs.cert_file),
+         "--tls-key", str(certs.key_file), "--tls-required", "--implicit-tls-listen", f"127.0.0.1:{implicit_port}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     try:
         assert process.stdout is not None
         lines = [process.stdout.readline(), process.stdout.readline()]
         assert lines[0].startswith("listening on ftp://127.0.0.1:"), "".join(lines) + process.stderr.read()  # type: ignore[union-attr]
-        match = re.fullmatch(r"listening on ftps://127\.0\.0\.1:(\d+)\n", lines[1])
-        assert match, lines
+        assert lines[1] == f"listening on ftps://127.0.0.1:{implicit_port}\n"
         port = int(lines[0].rsplit(":", 1)[1])
         old = login(port, certs)
         first = peer_certificate(old)
@@ -335,11 +337,13 @@ def test_sighup_reloads_serve(tmp_path: Path) -> None:
         process.send_signal(signal.SIGHUP)
         wait_for_certificate(port, certs, second)
         assert first != second
+        for _ in range(6):  # new connections, spread over both workers by the kernel: each has reloaded
+            assert certificate_of(port, certs) == second
         assert upload_and_download(old, "old.bin", b"o" * 10_000) == b"o" * 10_000
         # The implicit listener: TLS from the first byte, with the new certificate too.
         context = certs.client_context()
         with (
-            socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=10) as raw,
+            socket.create_connection(("127.0.0.1", implicit_port), timeout=10) as raw,
             context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
         ):
             assert tls.getpeercert(binary_form=True) == second
@@ -350,7 +354,7 @@ def test_sighup_reloads_serve(tmp_path: Path) -> None:
         _, stderr = process.communicate()
     assert process.returncode == 0
     assert "Traceback" not in stderr
-    assert "TLS certificate reloaded" in stderr
+    assert stderr.count("TLS certificate reloaded") == 2
 
 
 async def add_user(url: str, name: str, password: str) -> None:
@@ -362,20 +366,20 @@ async def add_user(url: str, name: str, password: str) -> None:
         await engine.dispose()
 
 
+def certificate_of(port: int, certs: Certificates) -> bytes:
+    """The certificate a new session on ``port`` gets after AUTH TLS."""
+    ftp = ftplib.FTP_TLS(context=certs.client_context())
+    ftp.connect("127.0.0.1", port, timeout=10)
+    try:
+        ftp.auth()
+        return peer_certificate(ftp)
+    finally:
+        ftp.close()
+
+
 def wait_for_certificate(port: int, certs: Certificates, expected: bytes) -> None:
     """A new session gets ``expected`` (the signal is handled asynchronously)."""
-    from tests.helpers import wait_until
-
-    def current() -> bool:
-        ftp = ftplib.FTP_TLS(context=certs.client_context())
-        ftp.connect("127.0.0.1", port, timeout=10)
-        ftp.auth()
-        try:
-            return peer_certificate(ftp) == expected
-        finally:
-            ftp.close()
-
-    wait_until(current, timeout=10, what="the reloaded certificate")
+    wait_until(lambda: certificate_of(port, certs) == expected, timeout=10, what="the reloaded certificate")
 
 
 # -- configuration errors --------------------------------------------------------------------------------------
