@@ -96,6 +96,8 @@ class GatewayServer(
         run in workers, outside the lock, so ABOR is not held up by them.
         """
         guarded = command_errors(verb, gate(verb, handler, self.session))
+        if verb == "auth":
+            guarded = self._ending_auth(guarded)
         refused_while_draining = verb in REFUSED_WHILE_DRAINING
         audited = verb in AUDITED or verb in TRANSFERS or verb == "rnfr"
 
@@ -120,6 +122,20 @@ class GatewayServer(
                 return keep
 
         return command
+
+    def _ending_auth(self, handler: Handler) -> Handler:
+        """AUTH, however it ends (refused, failed, or TLS), lets the session's commands be read again
+        (``SessionState.auth_pending``, set when the AUTH line was read)."""
+
+        async def auth(connection: aioftp.Connection, rest: str) -> bool:
+            try:
+                return await handler(connection, rest)
+            finally:
+                session = self.sessions.get(connection.command_connection.writer)
+                if session is not None:
+                    session.end_auth()
+
+        return auth
 
     def _count_replies(self, connection: aioftp.Connection, session: SessionState) -> None:
         """Count each command's first reply other than a 1xx, once per session: aioftp gives handlers a

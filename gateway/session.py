@@ -67,6 +67,8 @@ class SessionState:
     # AUTH TLS's 234 is on its way: resolved by ``write_response`` once it is written, with reading paused, so that
     # no byte of the handshake is read as a command.
     tls_reply_written: asyncio.Future[None] | None = None
+    # An AUTH was read and has not finished: no further line is read until it has (``ControlConnection.parse_command``).
+    auth_pending: asyncio.Future[None] | None = None
 
     @property
     def path_io(self) -> TransactionalPathIO:
@@ -89,6 +91,12 @@ class SessionState:
         """Wake the read waiting for this session's next command (it then looks at the server's drain)."""
         if self.read_deadline is not None and not self.read_deadline.expired():
             self.read_deadline.reschedule(asyncio.get_running_loop().time())
+
+    def end_auth(self) -> None:
+        """AUTH has finished, however it ended: reading commands goes on."""
+        if self.auth_pending is not None and not self.auth_pending.done():
+            self.auth_pending.set_result(None)
+        self.auth_pending = None
 
     def take_restart_offset(self) -> int:
         offset, self.restart_offset = self.restart_offset, 0

@@ -512,3 +512,16 @@ def test_a_users_own_tls_setting(tmp_path: Path, certs: Certificates) -> None:
         ftp_tls.storbinary("STOR clear.txt", io.BytesIO(b"clear"))  # PROT C allowed for this user
         ftp_tls.quit()
         assert gw.files.files("relaxed")["clear.txt"] == b"clear"
+
+
+def test_commands_sent_in_clear_after_auth_are_dropped(tls_gateway: GatewayThread, certs: Certificates) -> None:
+    """A USER pipelined in clear behind AUTH TLS (what a man in the middle would add: CVE-2011-0411) is never run
+    as if it came under TLS."""
+    with socket.create_connection(("127.0.0.1", tls_gateway.port), timeout=10) as raw:
+        replies = raw.makefile("rb")
+        assert replies.readline().startswith(b"220")
+        raw.sendall(b"AUTH TLS\r\nUSER alice\r\n")
+        assert replies.readline().startswith(b"234")
+        with certs.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(b"PASS secret\r\n")
+            assert tls.recv(200).startswith(b"503 ")  # no USER was taken: "Send USER first"

@@ -56,6 +56,10 @@ class ControlConnection(CommandBase):
         session :data:`LOGIN_LATE` (once) without a timer task either.
         """
         session = self.sessions.get(stream.writer)
+        if session is not None and session.auth_pending is not None:
+            # Nothing is read while AUTH runs: a line the client sent before its handshake would otherwise be taken
+            # as sent under TLS (the STARTTLS command injection); what is left unread then is dropped by AUTH.
+            await session.auth_pending
         line = b""
         loop = asyncio.get_running_loop()
         idle_at: float | None = None
@@ -109,6 +113,8 @@ class ControlConnection(CommandBase):
         # Only the line ending goes: a trailing space can be part of a file name.
         verb, _, rest = text.rstrip("\r\n").partition(" ")
         verb = verb.lower()
+        if verb == "auth" and session is not None:
+            session.auth_pending = asyncio.get_running_loop().create_future()  # ended by ``GatewayServer._command``
         if logger.isEnabledFor(logging.DEBUG):
             if session is not None:
                 # Each read is a task of the dispatcher's, whose context is from before the login: the user, for
