@@ -75,8 +75,8 @@ async def start_tls(
     ``StreamWriter.start_tls``, which only does the client side here, sets). The StreamReader keeps pausing the TCP
     transport for its flow control, on purpose: unread bytes then wait in the kernel, not undecrypted in the TLS
     layer (paused there, uploads were seen to lose their end under uvloop). Feeding early bytes relies on
-    ``loop.start_tls`` (asyncio's and uvloop's alike) swapping in
-    its TLS protocol, a ``BufferedProtocol``, in its first step, before any read.
+    ``loop.start_tls`` (asyncio's and uvloop's alike) swapping in its TLS protocol, a ``BufferedProtocol``, in its
+    first step, before any read.
     """
     loop = asyncio.get_running_loop()
     transport = writer.transport

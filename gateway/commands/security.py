@@ -1,9 +1,10 @@
 """FTPS (RFC 4217): AUTH TLS, PBSZ, PROT and CCC, and who must use them (``tls.required``, a user's own ``tls``).
 
 AUTH TLS answers 234 and the control connection becomes TLS in place: the same reader and writer, the same
-session. The trap: aioftp's dispatcher reads the next command while AUTH runs, and the client's handshake follows
-the 234 at once, so reading stops in the very step that writes the 234 (``ControlConnection.write_response``), and
-whatever plaintext was read before it is dropped, never taken as a command sent under TLS. Data connections
+session. The traps: aioftp's dispatcher would read the next command while AUTH runs, so no line is read until AUTH
+has finished (``SessionState.auth_pending``), and what came in clear before the handshake is dropped, never taken
+as sent under TLS (a man in the middle's injection); and the client's handshake follows the 234 at once, so the
+socket stops being read in the very step that writes the 234 (``ControlConnection.write_response``). Data connections
 follow PROT (``DataChannel.tls``): with ``P`` each is a TLS connection, this side the server, that must resume the
 control connection's TLS session while ``tls.session_reuse`` is on.
 """
