@@ -151,6 +151,7 @@ class DataChannel:
         "_active",
         "tls",
         "tls_reuse",
+        "tls_session_id",
     )
 
     def __init__(
@@ -179,6 +180,9 @@ class DataChannel:
         # resume its session when ``tls_reuse``. None: PROT C, plain.
         self.tls: ssl.SSLContext | None = None
         self.tls_reuse = True
+        # The control connection's TLS session id, which a resumed data connection carries (TLS 1.3, and TLS 1.2
+        # resumed by id); None: unknown (TLS 1.2 with a ticket, where the resumed id is the client's own pick).
+        self.tls_session_id: bytes | None = None
 
     @property
     def ready(self) -> bool:
@@ -235,11 +239,11 @@ class DataChannel:
     ) -> None:
         """PROT P: this side is the TLS server (active connections too), and the client must resume the control
         connection's session (``tls.session_reuse``): a session is only known to who holds the control
-        connection, so a stranger who connected to the passive port first gets nothing."""
+        connection, so a stranger who connected to the passive port first gets nothing; where the control
+        connection's session id is known it must be that one, not another session of the same server."""
         with without_tickets():  # the client would not read them (see ``gateway.tls.ServerContext``)
             await aioftp_compat.start_tls(reader, writer, context, handshake_timeout=self._connect_timeout, early=True)
-        ssl_object = writer.get_extra_info("ssl_object")
-        if self.tls_reuse and (ssl_object is None or not ssl_object.session_reused):
+        if self.tls_reuse and not resumes(writer.get_extra_info("ssl_object"), self.tls_session_id):
             writer.close()
             logger.warning("TLS data connection refused: it did not resume the control connection's TLS session")
             raise SessionNotResumed("the data connection did not resume the control connection's TLS session")
@@ -281,6 +285,16 @@ class DataChannel:
             writer.close()
         else:
             self._accepted.cancel()
+
+
+def resumes(ssl_object: ssl.SSLObject | None, session_id: bytes | None) -> bool:
+    """Did this TLS connection resume a session, and the one with ``session_id`` if it is known?"""
+    if ssl_object is None or not ssl_object.session_reused:
+        return False
+    if session_id is None:
+        return True
+    session = ssl_object.session
+    return session is not None and session.id == session_id
 
 
 # -- the bytes on a data connection ---------------------------------------------------------------------------

@@ -276,7 +276,7 @@ class GatewayServer(
         session = SessionState(client_host=host, client_port=port, data=data, login_deadline=login_deadline)
         if context is not None:
             session.tls, session.pbsz = context, True
-            self.protect(session, context)
+            self.protect(session, context, writer)
         self.sessions[writer] = session
         log_context.set(session.log_context())
         self.metrics.session_opened()

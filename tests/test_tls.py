@@ -87,9 +87,11 @@ class ResumingFTP(ftplib.FTP_TLS):
         return conn, size
 
 
-def login(port: int, certs: Certificates, cls: type[ftplib.FTP_TLS] = ResumingFTP) -> ftplib.FTP_TLS:
+def login(
+    port: int, certs: Certificates, cls: type[ftplib.FTP_TLS] = ResumingFTP, context: ssl.SSLContext | None = None
+) -> ftplib.FTP_TLS:
     """A session on ``port`` logged in as alice over TLS, with PROT P."""
-    ftp = cls(context=certs.client_context())
+    ftp = cls(context=context or certs.client_context())
     ftp.connect("127.0.0.1", port, timeout=10)
     ftp.auth()
     ftp.login("alice", "secret")
@@ -249,6 +251,30 @@ def test_data_connection_must_resume_the_session(tls_gateway: GatewayThread, cer
     resuming = login(tls_gateway.port, certs)
     assert upload_and_download(resuming, "resumed.bin", b"y" * 5000) == b"y" * 5000
     resuming.quit()
+
+
+def test_data_connection_resuming_another_sessions_tls_is_refused(
+    tls_gateway: GatewayThread, certs: Certificates
+) -> None:
+    """Someone with a session of their own (behind the same address: the passive port takes only the client's IP)
+    resumes it on another session's data connection: refused, it is not that control connection's session."""
+    context = certs.client_context()  # one client context: Python resumes a session only within its own
+    owner = login(tls_gateway.port, certs, context=context)
+    intruder = login(tls_gateway.port, certs, context=context)
+
+    class Borrowing(ResumingFTP):
+        def ntransfercmd(self, cmd: str, rest: int | str | None = None) -> tuple[socket.socket, int | None]:
+            conn, size = ftplib.FTP.ntransfercmd(self, cmd, rest)
+            assert isinstance(intruder.sock, ssl.SSLSocket)
+            return self.context.wrap_socket(conn, server_hostname=self.host, session=intruder.sock.session), size
+
+    owner.__class__ = Borrowing
+    with pytest.raises(ftplib.error_perm, match="^522 "):
+        owner.retrlines("LIST")
+    owner.__class__ = ResumingFTP
+    assert owner.nlst() is not None  # its own session still works
+    for ftp in (owner, intruder):
+        ftp.quit()
 
 
 @pytest.fixture(scope="module")

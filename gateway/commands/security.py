@@ -114,7 +114,7 @@ class SecurityCommands(CommandBase):
         if session.tls is None or not session.pbsz:
             connection.response("503", "PROT needs AUTH TLS and PBSZ first.")
         elif level == "P":
-            self.protect(session, session.tls)
+            self.protect(session, session.tls, connection.command_connection.writer)
             connection.response("200", "PROT now Private.")
         elif level == "C":
             session.data.tls = None
@@ -133,7 +133,10 @@ class SecurityCommands(CommandBase):
             connection.response("534", "CCC refused: the control connection stays protected.")
         return True
 
-    def protect(self, session: SessionState, context: ssl.SSLContext) -> None:
-        """PROT P: data connections are TLS, with the control connection's context."""
+    def protect(self, session: SessionState, context: ssl.SSLContext, control: asyncio.StreamWriter) -> None:
+        """PROT P: data connections are TLS, with the control connection's context, and resume its session."""
         session.data.tls = context
         session.data.tls_reuse = self.tls is None or self.tls.session_reuse
+        ssl_object = control.get_extra_info("ssl_object")
+        tls_session = ssl_object.session if ssl_object is not None else None
+        session.data.tls_session_id = tls_session.id if tls_session is not None and tls_session.id else None
