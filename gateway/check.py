@@ -3,9 +3,9 @@ Job run before ``serve``.
 
 One line per item on stdout, ``ok  `` or ``FAIL``, the item, what it is (database URLs without their password),
 and what was found or why it failed: the configuration (it loaded, or ``cli.py`` has already stopped with exit 2),
-the database (reachable, schema at the head revision), the default storage and each distinct storage of a user in
-the database (``pathio_backends.probe``: reachable and writable). Every probe is bounded by the settings' timeouts,
-so a firewall that drops packets makes a FAIL line, not a hang.
+the certificate and key when TLS is configured, the database (reachable, schema at the head revision), the default
+storage and each distinct storage of a user in the database (``pathio_backends.probe``: reachable and writable).
+Every probe is bounded by the settings' timeouts, so a firewall that drops packets makes a FAIL line, not a hang.
 """
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ async def run_checks(settings: Settings, config_file: Path | None, report: Calla
     else:
         outcomes = [Outcome(True, "config", str(config_file), "loaded")]
     report(outcomes[-1].line())
+    if settings.tls.enabled:
+        outcomes.append(_check_tls(settings))
+        report(outcomes[-1].line())
     database, storages = await _check_database(settings)
     outcomes.append(database)
     report(database.line())
@@ -72,6 +75,18 @@ async def run_checks(settings: Settings, config_file: Path | None, report: Calla
     finally:
         await resources.aclose()
     return all(outcome.ok for outcome in outcomes)
+
+
+def _check_tls(settings: Settings) -> Outcome:
+    """The certificate and key load as ``serve`` loads them (``gateway.tls``)."""
+    from gateway.tls import TLSError, make_context
+
+    subject = str(settings.tls.cert_file)
+    try:
+        make_context(settings.tls)
+    except TLSError as exc:
+        return Outcome(False, "tls", subject, str(exc))
+    return Outcome(True, "tls", subject, f"certificate and key {settings.tls.key_file} load")
 
 
 async def storage_warning(settings: Settings, uri: str) -> str | None:

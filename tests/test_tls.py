@@ -433,6 +433,20 @@ def test_certificate_problems_are_one_line(
     assert "give both or neither" in serve_error(capsys, tmp_path, "--tls-cert", cert)
 
 
+def test_check_loads_the_certificate(tmp_path: Path, certs: Certificates) -> None:
+    from gateway.check import run_checks
+
+    lines: list[str] = []
+    good = gateway_settings(tmp_path, tls=certs.settings())
+    assert asyncio.run(run_checks(good, None, lines.append))
+    assert lines[1] == f"ok   tls       {certs.cert_file}: certificate and key {certs.key_file} load"
+    other = Certificates(tmp_path / "other")
+    bad = gateway_settings(tmp_path, tls={"cert_file": str(certs.cert_file), "key_file": str(other.key_file)})
+    lines.clear()
+    assert not asyncio.run(run_checks(bad, None, lines.append))
+    assert lines[1].startswith("FAIL tls ") and "is not the key of" in lines[1]
+
+
 # -- ftp-gateway dev --tls -------------------------------------------------------------------------------------
 
 
