@@ -218,6 +218,9 @@ class TLSSettings(_Section):
     # A TLS data connection must resume the control connection's TLS session (vsftpd's require_ssl_reuse): proof
     # that the data connection comes from the client who holds the control connection.
     session_reuse: bool = True
+    # Seconds between looks at the certificate files: when one has changed (renewed by cert-manager into a mounted
+    # Kubernetes Secret, by certbot ...) they are read again as on SIGHUP. 0: only SIGHUP reloads them.
+    reload_interval: Annotated[float, Field(ge=0, le=86400)] = 60.0
 
     @field_validator("implicit_listen")
     @classmethod

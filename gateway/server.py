@@ -33,6 +33,7 @@ from gateway.drain import REFUSED_WHILE_DRAINING, drain, refuse_transfer
 from gateway.errors import Handler, command_errors
 from gateway.log import LogContext, log_context
 from gateway.session import SessionState
+from gateway.tls import watching
 from gateway.users.db import create_engine, display_url, ensure_schema
 from gateway.users.facts import DatabaseObjectFacts
 from gateway.users.manager import DatabaseUserManager
@@ -409,6 +410,8 @@ async def running_gateway(settings: Settings, *, reuse_port: bool = False) -> As
             server.implicit_server = await asyncio.start_server(implicit, host, port, reuse_port=reuse_port or None)
             stack.callback(server.implicit_server.close)  # before ``server.close`` cuts its sessions
             server.implicit_port = server.implicit_server.sockets[0].getsockname()[1]
+        if server.tls is not None and settings.tls.reload_interval:
+            await stack.enter_async_context(watching(server.tls, settings.tls.reload_interval))
         app = admin.make_app(readiness, server.metrics.registry)
         server.admin_url = await stack.enter_async_context(admin.admin_endpoint(settings.admin.listen, app))
         yield server

@@ -10,10 +10,13 @@ the old context stays.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
 import ssl
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -114,6 +117,8 @@ class ServerTLS:
 
     def __init__(self, settings: TLSSettings) -> None:
         self.settings = settings
+        # What the files were when last read (taken before reading them, so a change in between is seen later).
+        self.files = self._files()
         self.context = make_context(settings)
 
     @property
@@ -124,8 +129,29 @@ class ServerTLS:
     def session_reuse(self) -> bool:
         return self.settings.session_reuse
 
+    def _files(self) -> tuple[tuple[int, int, int] | None, ...]:
+        """Identity, time and size of the certificate and key files (following symlinks: a Kubernetes Secret
+        volume swaps a symlink to a new directory)."""
+        found: list[tuple[int, int, int] | None] = []
+        for path in (self.settings.cert_file, self.settings.key_file):
+            try:
+                stat = os.stat(path) if path is not None else None
+            except OSError:
+                stat = None
+            found.append((stat.st_ino, stat.st_mtime_ns, stat.st_size) if stat is not None else None)
+        return tuple(found)
+
+    def reload_if_changed(self) -> bool:
+        """Reload when a file changed since it was last read (``tls.reload_interval``). A reload that fails is
+        tried again at the next change, not at every look."""
+        files = self._files()
+        if files == self.files:
+            return False
+        return self.reload()
+
     def reload(self) -> bool:
         """Read the certificate files again (SIGHUP); on failure log why and keep the current context."""
+        self.files = self._files()
         try:
             context = make_context(self.settings)
         except TLSError as exc:
@@ -134,3 +160,21 @@ class ServerTLS:
         self.context = context
         logger.info("TLS certificate reloaded from %s", self.settings.cert_file)
         return True
+
+
+@asynccontextmanager
+async def watching(tls: ServerTLS, interval: float) -> AsyncIterator[None]:
+    """Look at the certificate files every ``interval`` seconds while inside, and reload them when changed."""
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            tls.reload_if_changed()
+
+    task = asyncio.create_task(watch(), name="tls-certificate-watch")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -36,6 +36,8 @@ EVERYTHING = [
     *("--set", "autoscaling.enabled=true", "--set", "redis.url=redis://redis.example:6379/0"),
     *("--set", "serviceMonitor.enabled=true", "--set", "testLogin.password=pw", "--set", "service.type=NodePort"),
     *("--set", "s3.accessKeyId=a", "--set", "s3.secretAccessKey=b", "--set", "service.nodePort=30021"),
+    *("--set", "tls.enabled=true", "--set", "tls.certManager.enabled=true", "--set", "tls.implicitPort=2990"),
+    *("--set", "tls.certManager.issuerRef.name=letsencrypt", "--set", "tls.certManager.dnsNames={ftp.example.com}"),
 ]
 KUBERNETES_VERSIONS = ("1.28.0", "1.31.0")
 Objects = list[dict[str, Any]]
@@ -92,11 +94,11 @@ def test_rendered_objects_match_the_kubernetes_schemas(values: str) -> None:
     kinds = {o["kind"] for o in objects}
     assert {"Deployment", "Service", "ConfigMap", "ServiceAccount", "PodDisruptionBudget", "Job"} <= kinds
     if values == "everything":
-        assert {"HorizontalPodAutoscaler", "ServiceMonitor", "Pod", "Secret"} <= kinds
+        assert {"HorizontalPodAutoscaler", "ServiceMonitor", "Pod", "Secret", "Certificate"} <= kinds
     for version in KUBERNETES_VERSIONS:
         for obj in objects:
-            if obj["apiVersion"].startswith("monitoring.coreos.com/"):
-                continue  # a CRD: no bundled schema; its shape is asserted below
+            if obj["apiVersion"].startswith(("monitoring.coreos.com/", "cert-manager.io/")):
+                continue  # a CRD: no bundled schema; its shape is asserted in its own test
             kubernetes_validate.validate(obj, version, strict=True)
 
 
@@ -211,6 +213,14 @@ def test_a_config_change_rolls_the_pods() -> None:
         (["replicaCount=3"], "replicaCount > 1 or autoscaling.enabled needs Redis"),
         (["autoscaling.enabled=true"], "needs Redis"),
         (["s3.accessKeyId=AKIA"], "give both s3.accessKeyId and s3.secretAccessKey"),
+        (["tls.enabled=true"], "tls.enabled needs the certificate's Secret"),
+        (["tls.enabled=true", "tls.certManager.enabled=true"], "needs tls.certManager.issuerRef.name and"),
+        (["tls.implicitPort=2990"], "tls.required and tls.implicitPort need tls.enabled"),
+        (["tls.required=true"], "tls.required and tls.implicitPort need tls.enabled"),
+        (
+            ["tls.enabled=true", "tls.existingSecret=certs", "tls.implicitPort=30005"],
+            "tls.implicitPort 30005 is the control port, the admin port or inside passivePorts 30000-30019",
+        ),
     ],
 )
 def test_refused_values_fail_with_a_message(args: list[str], message: str) -> None:
@@ -225,6 +235,38 @@ def test_several_replicas_render_with_redis() -> None:
     ref = env["FTP_GATEWAY_CLUSTER__REDIS_URL"]["valueFrom"]["secretKeyRef"]
     assert one(objects, "Secret", ref["name"])["stringData"][ref["key"]] == "redis://:pw@redis.example:6379/2"
     assert "redis_url" not in config_of(objects)["cluster"]  # a URL with a password stays out of the ConfigMap
+
+
+def test_ftps_certificate_is_mounted_and_its_port_exposed(tmp_path: Path) -> None:
+    objects = render(*EVERYTHING, "--set", "tls.required=true")
+    certificate = one(objects, "Certificate")
+    assert certificate["apiVersion"] == "cert-manager.io/v1"
+    assert certificate["spec"]["dnsNames"] == ["ftp.example.com"]
+    assert certificate["spec"]["issuerRef"] == {"kind": "ClusterIssuer", "name": "letsencrypt"}
+    secret_name = certificate["spec"]["secretName"]
+    for pod in (
+        one(objects, "Deployment")["spec"]["template"]["spec"],
+        one(objects, "Job", "ftp-ftp-gateway-check")["spec"]["template"]["spec"],
+    ):
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "tls"]
+        assert volume["secret"]["secretName"] == secret_name
+        (mount,) = [m for c in pod["containers"] for m in c["volumeMounts"] if m["name"] == "tls"]
+        assert "subPath" not in mount  # a renewed certificate must reach the running pod
+    config = config_of(objects)
+    assert config["tls"]["cert_file"] == f"{mount['mountPath']}/tls.crt"
+    assert config["tls"]["key_file"] == f"{mount['mountPath']}/tls.key"
+    assert config["tls"]["implicit_listen"] == "0.0.0.0:2990" and config["tls"]["required"] is True
+    assert {"name": "ftps", "containerPort": 2990, "protocol": "TCP"} in gateway(objects)["ports"]
+    public = one(objects, "Service", "ftp-ftp-gateway")["spec"]["ports"]
+    assert {"name": "ftps", "port": 990, "targetPort": "ftps", "protocol": "TCP"} in public
+    # The server takes the rendered [tls] table (the files themselves exist only in the pod).
+    (tmp_path / "config.toml").write_text(one(objects, "ConfigMap", "ftp-ftp-gateway")["data"]["config.toml"])
+    settings = load_settings(tmp_path / "config.toml")
+    assert settings.tls.required and settings.tls.session_reuse
+    # The replicas share their bans through the Redis they share passive ports in: bans.redis_url is left unset,
+    # which means cluster.redis_url (here an external Redis, from the Secret).
+    assert "bans" not in config and settings.bans.redis_url is None
+    assert "FTP_GATEWAY_CLUSTER__REDIS_URL" in {e["name"] for e in gateway(objects)["env"]}
 
 
 def test_nodeport_passive_ports_are_their_own_node_ports() -> None:

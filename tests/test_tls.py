@@ -334,6 +334,36 @@ def test_reload_new_sessions_get_the_new_certificate(tmp_path: Path) -> None:
             ftp.quit()
 
 
+def test_a_renewed_certificate_in_a_mounted_secret_is_picked_up(tmp_path: Path) -> None:
+    """As Kubernetes updates a mounted Secret (cert-manager renewing it): the files are symlinks through ``..data``,
+    which is swapped to a new directory at once. ``tls.reload_interval`` notices it without a signal."""
+    certs = Certificates(tmp_path / "issued")
+    mount = tmp_path / "mount"
+    mount.mkdir()
+
+    def publish(version: str) -> None:
+        (mount / version).mkdir()
+        (mount / version / "tls.crt").write_bytes(certs.cert_file.read_bytes())
+        (mount / version / "tls.key").write_bytes(certs.key_file.read_bytes())
+        (mount / "..data_tmp").symlink_to(version)
+        os.replace(mount / "..data_tmp", mount / "..data")
+
+    publish("..v1")
+    for name in ("tls.crt", "tls.key"):
+        (mount / name).symlink_to(f"..data/{name}")
+    tls = {"cert_file": str(mount / "tls.crt"), "key_file": str(mount / "tls.key"), "reload_interval": 0.1}
+    with running(gateway_settings(tmp_path, tls=tls)) as gw:
+        gw.add_user("alice")
+        first = certificate_of(gw.port, certs)
+        open_session = login(gw.port, certs)
+        second = certs.issue()
+        assert second != first
+        publish("..v2")
+        wait_for_certificate(gw.port, certs, second)
+        assert upload_and_download(open_session, "a.bin", b"a" * 10_000) == b"a" * 10_000
+        open_session.quit()
+
+
 def test_sighup_reloads_serve(tmp_path: Path) -> None:
     """``serve`` with two workers: its start-up lines name both listeners; SIGHUP, passed on to each worker,
     reloads the certificate for new sessions while an open one goes on."""
