@@ -80,6 +80,25 @@ refused range fails `helm template` and `helm install` with one message.
 {{- if and (not .Values.existingSecret) (not .Values.database.url) }}
 {{- fail "database.url is empty: give the user database's URL, or existingSecret with a database-url key" }}
 {{- end }}
+{{- if .Values.tls.enabled }}
+{{- if and (not .Values.tls.existingSecret) (not .Values.tls.certManager.enabled) }}
+{{- fail "tls.enabled needs the certificate's Secret: tls.existingSecret (a kubernetes.io/tls Secret) or tls.certManager.enabled" }}
+{{- end }}
+{{- if and .Values.tls.certManager.enabled (or (not .Values.tls.certManager.issuerRef.name) (not .Values.tls.certManager.dnsNames)) }}
+{{- fail "tls.certManager.enabled needs tls.certManager.issuerRef.name and tls.certManager.dnsNames" }}
+{{- end }}
+{{- end }}
+{{- if or .Values.tls.required .Values.tls.implicitPort }}
+{{- if not .Values.tls.enabled }}
+{{- fail "tls.required and tls.implicitPort need tls.enabled (and a certificate)" }}
+{{- end }}
+{{- end }}
+{{- with .Values.tls.implicitPort }}
+{{- $implicit := int . }}
+{{- if or (eq $implicit $control) (eq $implicit $admin) (and (ge $implicit $start) (le $implicit $end)) }}
+{{- fail (printf "tls.implicitPort %d is the control port, the admin port or inside passivePorts %d-%d" $implicit $start $end) }}
+{{- end }}
+{{- end }}
 {{- if ne (empty .Values.s3.accessKeyId) (empty .Values.s3.secretAccessKey) }}
 {{- fail "give both s3.accessKeyId and s3.secretAccessKey, or neither (then the AWS chain: IRSA or the node's role)" }}
 {{- end }}
@@ -122,8 +141,21 @@ refused range fails `helm template` and `helm install` with one message.
   "proxy_protocol" (dict "trusted" .Values.proxyProtocol.trusted "required" .Values.proxyProtocol.required)
   "cluster" $cluster
 }}
+{{- if .Values.tls.enabled }}
+{{- $dir := include "ftp-gateway.tlsDir" . }}
+{{- $tls := dict "cert_file" (printf "%s/tls.crt" $dir) "key_file" (printf "%s/tls.key" $dir) "required" .Values.tls.required "session_reuse" .Values.tls.sessionReuse }}
+{{- with .Values.tls.implicitPort }}{{ $_ := set $tls "implicit_listen" (printf "0.0.0.0:%d" (int .)) }}{{ end }}
+{{- $_ := set $config "tls" $tls }}
+{{- end }}
 {{- $config = mustMergeOverwrite $config (deepCopy .Values.config) }}
 {{- toToml $config }}
+{{- end }}
+
+{{/* Where the TLS Secret is mounted (beside the config's ConfigMap, not inside it), and its name. */}}
+{{- define "ftp-gateway.tlsDir" -}}/etc/ftp-gateway-tls{{- end }}
+
+{{- define "ftp-gateway.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "ftp-gateway.fullname" .)) .Values.tls.existingSecret }}
 {{- end }}
 
 {{/* The name of the Secret holding database-url and the S3 keys. */}}
