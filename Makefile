@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
 .DEFAULT_GOAL := help
-.PHONY: help run serve test lint format helm bench bench-s3 bench-logins bench-small bench-load bench-cluster clean
+.PHONY: help run serve test lint format helm bench bench-tls bench-s3 bench-logins bench-small bench-load bench-cluster clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ format: $(STAMP) ## reformat and fix what ruff can
 
 bench: $(STAMP) ## local disk: curl through the gateway vs vsftpd (if installed), 256 MiB
 	$(BIN)/python bench/local_disk.py
+
+bench-tls: $(STAMP) ## local disk over explicit FTPS (PROT P, session reuse): the gateway vs vsftpd, 256 MiB
+	$(BIN)/python bench/local_disk.py --tls
 
 bench-s3: $(STAMP) ## S3 (moto): the gateway vs aiobotocore direct, 256 MiB, also through a 50 MB/s-per-connection proxy; peak RSS of 1 GiB up and down
 	$(BIN)/python bench/s3.py
