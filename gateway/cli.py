@@ -37,7 +37,7 @@ from gateway.cli_types import (
     worker_number,
 )
 from gateway.config import ConfigError, Settings, load_settings
-from gateway.config_permissions import exposed_secrets
+from gateway.config_permissions import exposed_key, exposed_secrets
 from gateway.runtime import EventLoopChoice
 from gateway.users.db import DatabaseError, create_engine, describe_error, ensure_schema, schema_revisions, upgrade
 from gateway.users.passwords import Passwords
@@ -238,8 +238,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if log:
         overrides["log"] = log
     settings = load_settings(config, overrides | ban_overrides(args) | tls_overrides(args))
-    if warning := exposed_secrets(config, strict=args.strict_permissions):
-        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    for warning in (
+        exposed_secrets(config, strict=args.strict_permissions),
+        exposed_key(settings.tls.key_file, strict=args.strict_permissions),
+    ):
+        if warning:
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
     return settings
 
 

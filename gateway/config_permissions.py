@@ -7,6 +7,7 @@ URL without a password does not), so a harmless config readable by all is not na
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 from typing import Any
@@ -63,3 +64,28 @@ def _exposed(path: Path) -> str | None:
         f"config file {str(path)!r} holds secrets ({', '.join(names)}) and is readable by {readers}"
         f" (mode {mode:04o}); chmod 600 it"
     )
+
+
+def exposed_key(path: Path | None, *, strict: bool) -> str | None:
+    """One line saying the TLS private key ``path`` is readable by others, or by a group that is not this process's
+    own (a Kubernetes Secret mounted with the pod's fsGroup is group-readable by the gateway's own group, and fine).
+    With ``strict`` that line is a :class:`ConfigError`. A missing file is ``serve``'s to report."""
+    if path is None:
+        return None
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    mode = stat.S_IMODE(status.st_mode)
+    own_group = status.st_gid == os.getegid() or status.st_gid in os.getgroups()
+    readers = [
+        who
+        for who, readable in (("group", mode & stat.S_IRGRP and not own_group), ("others", mode & stat.S_IROTH))
+        if readable
+    ]
+    if not readers:
+        return None
+    warning = f"TLS key file {str(path)!r} is readable by {' and '.join(readers)} (mode {mode:04o}); chmod 600 it"
+    if strict:
+        raise ConfigError(warning)
+    return warning

@@ -250,6 +250,7 @@ def test_ftps_certificate_is_mounted_and_its_port_exposed(tmp_path: Path) -> Non
     ):
         (volume,) = [v for v in pod["volumes"] if v["name"] == "tls"]
         assert volume["secret"]["secretName"] == secret_name
+        assert volume["secret"]["defaultMode"] == 0o440  # the key: for the pod's fsGroup only
         (mount,) = [m for c in pod["containers"] for m in c["volumeMounts"] if m["name"] == "tls"]
         assert "subPath" not in mount  # a renewed certificate must reach the running pod
     config = config_of(objects)

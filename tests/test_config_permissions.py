@@ -80,3 +80,23 @@ def test_each_secret_key_counts(
     code, _, err = run(capsys, "db", "status", "--config", config, "--database", db, "--strict-permissions")
     assert_one_line_error(code, err, key, "group", "0640")
     assert "hunter2" not in err
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o644, True), (0o640, False), (0o600, False)])
+def test_a_tls_key_readable_by_others_warns(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, db: str, mode: int, warned: bool
+) -> None:
+    """The key file is checked as the config is: readable by others (or by a group not the gateway's own) warns,
+    and --strict-permissions refuses it. Its own group may read it (a Kubernetes Secret mounted with fsGroup)."""
+    key = tmp_path / "key.pem"
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    key.chmod(mode)
+    text = f'[tls]\ncert_file = "{tmp_path / "chain.pem"}"\nkey_file = "{key}"\n'
+    config = _config(tmp_path, text, 0o644)  # no secret in the file itself
+    code, _, err = run(capsys, "db", "status", "--config", config, "--database", db)
+    assert (f"TLS key file {str(key)!r} is readable by others" in err) is warned, err
+    code, _, err = run(capsys, "db", "status", "--config", config, "--database", db, "--strict-permissions")
+    if warned:
+        assert_one_line_error(code, err, "TLS key file", "chmod 600")
+    else:
+        assert "warning" not in err, err
