@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,18 @@ from tests.helpers import (
     running,
     scratch_postgres,
 )
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_restored() -> Iterator[None]:
+    """``cli.main`` sets the root logger's handlers as a process does (a stream on the stderr of the moment, which
+    capsys closes after the test): put back what was there, so a later test's gateway threads do not log into a
+    closed stream ("--- Logging error ---" in that test's stderr)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture

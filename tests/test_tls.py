@@ -66,6 +66,7 @@ class Certificates:
         cert = self.ca.issue_cert("127.0.0.1", "127.0.0.11", "localhost")
         self.cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
         cert.private_key_pem.write_to_path(str(self.key_file))
+        self.key_file.chmod(0o600)  # as a key should be (a readable one gets a warning line from the CLI)
         return ssl.PEM_cert_to_DER_cert(cert.cert_chain_pems[0].bytes().decode())
 
     def settings(self, **options: Any) -> dict[str, Any]:
