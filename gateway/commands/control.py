@@ -63,6 +63,8 @@ class ControlConnection(CommandBase):
         line = b""
         loop = asyncio.get_running_loop()
         idle_at: float | None = None
+        # Part of a line over the length limit was dropped: the rest of it goes too, up to its end.
+        too_long = False
         while True:
             if self.draining and session is not None and not session.transfers and not session.closing:
                 session.closing = True
@@ -82,7 +84,15 @@ class ControlConnection(CommandBase):
                 async with asyncio.timeout_at(wake_at) as deadline:
                     if session is not None:
                         session.read_deadline = deadline
-                    line = await stream.reader.readline()
+                    line = await stream.reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError as exc:
+                # asyncio's readline would drop only what it holds and hand out the rest of the line later as a
+                # command of its own (after a pause, ``<64 KiB of padding>DELE file`` ran the DELE).
+                await stream.reader.readexactly(exc.consumed)
+                too_long = True
+                continue
+            except asyncio.IncompleteReadError as exc:
+                line = b"" if too_long else exc.partial  # the end of the connection (after a last unended line)
             except TimeoutError:
                 if self.draining or (session is not None and session.busy):
                     idle_at = None  # the idle time starts again
@@ -90,8 +100,6 @@ class ControlConnection(CommandBase):
                 if idle_at is None or loop.time() < idle_at:
                     continue  # the login's deadline, not the idle one: a session logged in since is not idle
                 return IDLE, ""
-            except ValueError:
-                return LINE_TOO_LONG, ""
             except OSError:
                 return EOF, ""
             finally:
@@ -100,6 +108,8 @@ class ControlConnection(CommandBase):
             break
         if not line:
             return EOF, ""
+        if too_long:
+            return LINE_TOO_LONG, ""
         if line.startswith(b"PROXY ") or line == PROXY_V2_LINE:
             # A header that was not read as one: the peer is not trusted (or sent a second one). Never honoured.
             return PROXY_HEADER, ""
