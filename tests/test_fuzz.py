@@ -106,3 +106,16 @@ def test_the_rest_of_an_overlong_line_is_no_command(fuzz_gateway: GatewayThread)
         assert replies.final() == b"500 Command line too long.\r\n"
         assert replies.final() == b"200 NOOP ok.\r\n"
     assert fuzz_gateway.files.files("alice")["victim.txt"] == b"keep me"
+
+
+@pytest.mark.parametrize(
+    "ending", [b"QUIT\r\n", b"USER x\r\nPASS a\r\nUSER x\r\nPASS b\r\nUSER x\r\nPASS c\r\n"], ids=["quit", "3 wrong"]
+)
+def test_the_last_reply_survives_input_pipelined_past_the_end(fuzz_gateway: GatewayThread, ending: bytes) -> None:
+    """A session the server ends with unread input used to be closed with RST, and the client lost its 221 or 421."""
+    sock, replies = session(fuzz_gateway, login=False)
+    with sock, replies.file:
+        sock.sendall(ending + b"NOOP\r\n" * 40_000)  # more than the server reads ahead
+        while replies.final() is not None:
+            pass
+        assert replies.last is not None and replies.last[:3] == (b"221" if ending.startswith(b"QUIT") else b"421")
