@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 from gateway.config import DatabaseSettings
 from gateway.users.db import create_engine, upgrade
 from tests.helpers import (
+    FAULT_COUNTS,
     GatewayThread,
     create_test_bucket,
     gateway_settings,
@@ -82,6 +84,13 @@ def db_gateway(tmp_path: Path, database_url: str) -> Iterator[GatewayThread]:
         yield gw
 
 
+@pytest.fixture
+def fault_counts(request: pytest.FixtureRequest) -> Counter[str]:
+    """Faults injected and hostile inputs thrown in this run (tests/test_faults.py, tests/test_fuzz.py), by kind;
+    printed at the end."""
+    return request.config.stash.setdefault(FAULT_COUNTS, Counter())
+
+
 # -- the client compatibility matrix ---------------------------------------------------------------------------
 # Tests marked ``matrix`` record their outcome under (client, backend); the table is printed at the end.
 
@@ -122,6 +131,10 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    faults = terminalreporter.config.stash.get(FAULT_COUNTS, None)
+    if faults:
+        terminalreporter.write_sep("=", "faults injected and hostile inputs thrown (all survived unless a test failed)")
+        terminalreporter.write_line(", ".join(f"{kind}: {count}" for kind, count in sorted(faults.items())))
     if not MATRIX:
         return
     clients = sorted({client for client, _ in MATRIX})
