@@ -174,7 +174,9 @@ class S3Context:
 
 def outcome_of(exc: BaseException) -> str:
     """A failed request's outcome label: the class of S3's HTTP status, or ``error`` when none came."""
-    status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+    # botocore's ReadTimeoutError and ConnectionClosedError have a ``response`` attribute, set to None.
+    response = getattr(exc, "response", None) or {}
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     if isinstance(status, int) and 400 <= status < 600:
         return f"{status // 100}xx"
     return "error"
@@ -204,7 +206,9 @@ class AbortJanitor:
             except FileNotFoundError:
                 ctx.observer.multipart_ended()
                 return  # already gone
-            except OSError:
+            except Exception as exc:  # noqa: BLE001 - whatever it was, the upload is still there to abort
+                if not isinstance(exc, OSError):
+                    logger.warning("aborting multipart upload %s of %s failed: %r", upload_id, key, exc)
                 delay = min(delay * 2, self.MAX_DELAY)
                 continue
             ctx.observer.multipart_ended()
