@@ -255,10 +255,13 @@ def test_s3_answering_503_is_retried_then_answered_451(tmp_path: Path, proxy: S3
     gateway = proxied_gateway(tmp_path, proxy, max_attempts=2)
     try:
         client = ftp_login(gateway.host, gateway.port, "alice")
-        # One 503 per request is absorbed by the retry (s3.max_attempts = 2).
+        # s3.max_attempts = 2 is two attempts in all: one 503 is absorbed by the retry, two in a row are not.
         proxy.set("503", count=1)
         assert store(client, "small.bin", b"small").startswith("226")
         assert proxy.served_503() == 1
+        proxy.set("503", count=2)
+        assert store(client, "other.bin", b"other").startswith("451")
+        assert proxy.served_503() == 3
         # S3 busy for longer than the retries: replies, nothing partial.
         upload, download, listing = fault_during_upload(client, direct_s3, proxy, "503", count=10_000)
         for reply, what in ((upload, "STOR"), (download, "RETR"), (listing, "LIST")):

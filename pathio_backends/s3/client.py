@@ -110,7 +110,8 @@ def _create_client(s: S3Settings) -> Any:
         s3={"addressing_style": s.addressing_style, "payload_signing_enabled": s.payload_signing},
         connect_timeout=s.connect_timeout,
         read_timeout=s.read_timeout,
-        retries={"max_attempts": s.max_attempts, "mode": "standard"},
+        # Attempts in all, the first one included (botocore's own "max_attempts" counts the retries only).
+        retries={"total_max_attempts": s.max_attempts, "mode": "standard"},
         max_pool_connections=s.max_pool_connections,
         # Checksums only where S3 requires them: other S3-compatible stores reject the newer defaults.
         request_checksum_calculation="when_required",
