@@ -184,6 +184,8 @@ def fuzz_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayTh
         tmp_path,
         limits={"failed_login_delay": 0.001, "max_login_failures": 3},
         timeouts={"data_connection": 0.3, "login": 30},
+        # Not banned nor slowed for its wrong passwords (tests/test_bans.py has those): every script gets a session.
+        bans={"max_failures": 1_000_000, "name_delay_max": 0},
     )
     with running(settings) as gateway:
         gateway.add_user("alice")
@@ -347,3 +349,15 @@ def test_the_last_reply_survives_input_pipelined_past_the_end(fuzz_gateway: Gate
         while replies.final() is not None:
             pass
         assert replies.last is not None and replies.last[:3] == (b"221" if ending.startswith(b"QUIT") else b"421")
+
+
+def test_unknown_verbs_are_answered_in_their_turn(fuzz_gateway: GatewayThread) -> None:
+    """aioftp's dispatcher answered an unknown verb at once: ahead of the replies to the commands before it, and
+    even after the 221 of a QUIT before it."""
+    sock, replies = session(fuzz_gateway, login=False)
+    with sock, replies.file:
+        sock.sendall(b"USER alice\r\nPASS secret\r\nPASV\r\nFOO\r\nQUIT\r\nBAR\r\n")
+        codes = []
+        while (reply := replies.final()) is not None:
+            codes.append(reply[:3].decode())
+    assert codes == ["331", "230", "227", "502", "221"]

@@ -32,6 +32,9 @@ DRAIN = " drain"
 PROXY_HEADER = " proxy-header"
 # No login within ``timeouts.login`` of connecting: 421 and close, after a PASS that is running.
 LOGIN_LATE = " login-late"
+# A verb no handler knows (its argument is the verb): 502 in its turn. aioftp's dispatcher would answer it at once,
+# ahead of the replies of the commands before it, and even after the 221 of a QUIT before it.
+UNKNOWN = " unknown"
 # The third line of a PROXY v2 signature (``\r\n\r\n\x00\r\nQUIT\n``), never an FTP command.
 PROXY_V2_LINE = b"\x00\r\n"
 
@@ -45,6 +48,7 @@ class ControlConnection(CommandBase):
         DRAIN: "control_draining",
         PROXY_HEADER: "proxy_header",
         LOGIN_LATE: "login_late",
+        UNKNOWN: "unknown_command",
     }
 
     async def parse_command(self, stream: aioftp.StreamIO, censor_commands: tuple[str] = ("pass",)) -> tuple[str, str]:
@@ -132,8 +136,9 @@ class ControlConnection(CommandBase):
                 log_context.set(session.log_context())
             logger.debug("%s %s", verb.upper(), "***" if verb in censor_commands else rest)
         if verb not in self.commands_mapping:
-            # aioftp's dispatcher answers it 502; counted under one label whatever the client sent.
+            # Counted under one label whatever the client sent.
             self.metrics.command(OTHER_VERB, "502")
+            return UNKNOWN, verb
         return verb, rest
 
     async def write_response(
@@ -208,6 +213,10 @@ class ControlConnection(CommandBase):
             return True
         connection.response("421", "Server shutting down; closing control connection.")
         return False
+
+    async def unknown_command(self, connection: aioftp.Connection, verb: str) -> bool:
+        connection.response("502", f"{verb!r} not implemented")
+        return True
 
     async def line_too_long(self, connection: aioftp.Connection, rest: str) -> bool:
         connection.response("500", "Command line too long.")
