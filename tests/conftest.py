@@ -11,7 +11,6 @@ import pytest
 from gateway.config import DatabaseSettings
 from gateway.users.db import create_engine, upgrade
 from tests.helpers import (
-    FAULT_COUNTS,
     GatewayThread,
     create_test_bucket,
     gateway_settings,
@@ -84,11 +83,17 @@ def db_gateway(tmp_path: Path, database_url: str) -> Iterator[GatewayThread]:
         yield gw
 
 
+# Faults injected and hostile inputs thrown in this run (tests/test_faults.py, tests/test_fuzz.py), by kind;
+# printed at the end. A test's counts travel on its teardown report, as the matrix's cells do (pytest-xdist).
+FAULTS: Counter[str] = Counter()
+
+
 @pytest.fixture
-def fault_counts(request: pytest.FixtureRequest) -> Counter[str]:
-    """Faults injected and hostile inputs thrown in this run (tests/test_faults.py, tests/test_fuzz.py), by kind;
-    printed at the end."""
-    return request.config.stash.setdefault(FAULT_COUNTS, Counter())
+def fault_counts(request: pytest.FixtureRequest) -> Iterator[Counter[str]]:
+    """Where a test counts the faults it injected; added to the run's summary."""
+    counts: Counter[str] = Counter()
+    yield counts
+    request.node.user_properties.append(("faults", dict(counts)))
 
 
 # -- the client compatibility matrix ---------------------------------------------------------------------------
@@ -118,6 +123,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "teardown":
+        FAULTS.update(dict(report.user_properties).get("faults", {}))
     cell = dict(report.user_properties).get("matrix")
     if cell is None or report.when not in ("setup", "call"):
         return
@@ -131,10 +138,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    faults = terminalreporter.config.stash.get(FAULT_COUNTS, None)
-    if faults:
+    if FAULTS:
         terminalreporter.write_sep("=", "faults injected and hostile inputs thrown (all survived unless a test failed)")
-        terminalreporter.write_line(", ".join(f"{kind}: {count}" for kind, count in sorted(faults.items())))
+        terminalreporter.write_line(", ".join(f"{kind}: {count}" for kind, count in sorted(FAULTS.items())))
     if not MATRIX:
         return
     clients = sorted({client for client, _ in MATRIX})

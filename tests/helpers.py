@@ -13,7 +13,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,8 +30,6 @@ T = TypeVar("T")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 POSTGRES_URL = os.environ.get("FTP_GATEWAY_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 MiB = 1024 * 1024
-# Where tests/test_faults.py and tests/test_fuzz.py count what they threw at gateways (conftest prints it).
-FAULT_COUNTS = pytest.StashKey[Counter[str]]()
 
 
 def missing(what: str) -> None:
