@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from tests.clients import ftp_login
 from tests.helpers import GatewayThread, gateway_settings, running
 
-MAX_EXAMPLES = 120
+MAX_EXAMPLES = 300
 BUDGET = 15.0  # seconds for all the scripts together
 REPLY_TIMEOUT = 5.0
 # aioftp's StreamReader limit (asyncio's default): a longer command line gets 500.
@@ -120,9 +120,13 @@ scripts = st.builds(
         st.just([]),
         st.lists(st.tuples(st.sampled_from(NAMES), st.sampled_from(PASSWORDS)), min_size=1, max_size=3),
     ),
-    # One line per write, or a pipelined burst of many in one write.
+    # One line per write, a pipelined burst of many in one write, or a blob of random bytes (its newlines too).
     writes=st.lists(
-        st.one_of(st.lists(command_line(), min_size=1, max_size=1), st.lists(command_line(), min_size=2, max_size=40)),
+        st.one_of(
+            st.lists(command_line(), min_size=1, max_size=1),
+            st.lists(command_line(), min_size=2, max_size=40),
+            st.binary(min_size=1, max_size=2000).map(lambda blob: [blob + b"\r\n"]),
+        ),
         min_size=1,
         max_size=8,
     ),
