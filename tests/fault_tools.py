@@ -1,5 +1,5 @@
 """Faults on demand for tests/test_faults.py: an S3 endpoint (moto) in a process of its own that can be killed and
-started again on the same port, and a TCP proxy in front of S3 that delays, resets or answers 503 for a while.
+started again on the same port, and a TCP proxy in front of S3 that delays, resets or answers 503 or 500 for a while.
 Each fault injected is counted (``counts``), for the run's summary."""
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from typing import Any, Literal, TypeVar
 from tests.helpers import wait_until
 
 T = TypeVar("T")
-Mode = Literal["pass", "delay", "reset", "503"]
+Mode = Literal["pass", "delay", "reset", "503", "500"]
 
-SLOW_DOWN = (
-    b"<?xml version='1.0' encoding='UTF-8'?>\n<Error><Code>SlowDown</Code>"
-    b"<Message>Please reduce your request rate.</Message></Error>"
-)
+# What the proxy answers itself in the modes named by a status: S3's status line and error.
+ANSWERS = {
+    "503": (b"503 Slow Down", b"SlowDown", b"Please reduce your request rate."),
+    "500": (b"500 Internal Server Error", b"InternalError", b"We encountered an internal error. Please try again."),
+}
 
 
 def free_port() -> int:
@@ -77,7 +78,8 @@ class S3FaultProxy:
 
     * ``reset``: a new connection is reset (RST, SO_LINGER 0) as soon as its request starts;
     * ``delay``: a request reaches S3 only after ``delay`` seconds (and never, if the client gave up before);
-    * ``503``: the proxy answers ``503 Slow Down`` itself, to the next ``count`` requests, then forwards again.
+    * ``503`` (or ``500``): the proxy answers ``503 Slow Down`` (``500 InternalError``) itself, to the next
+      ``count`` requests, then forwards again.
     """
 
     def __init__(self, upstream: str) -> None:
@@ -85,7 +87,7 @@ class S3FaultProxy:
         self.upstream = (host, int(port))
         self.mode: Mode = "pass"
         self.delay = 0.0
-        self.left_503 = 0
+        self.left = 0
         self.counts: Counter[str] = Counter()
         self._open: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -131,14 +133,14 @@ class S3FaultProxy:
         self._run(self._set(mode, delay, count))
 
     async def _set(self, mode: Mode, delay: float, count: int) -> None:
-        self.mode, self.delay, self.left_503 = mode, delay, count
+        self.mode, self.delay, self.left = mode, delay, count
         if mode != "pass":
             for writer in list(self._open):
                 self.counts["connection cut"] += 1
                 reset(writer)
 
-    def served_503(self) -> int:
-        return self.counts["503 answered"]
+    def answered(self, status: str) -> int:
+        return self.counts[f"{status} answered"]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -154,11 +156,11 @@ class S3FaultProxy:
                 self.counts["connection reset"] += 1
                 reset(writer)
                 return
-            if mode == "503" and self.left_503 > 0:
-                self.left_503 -= 1
-                if self.left_503 == 0:
+            if mode in ANSWERS and self.left > 0:
+                self.left -= 1
+                if self.left == 0:
                     self.mode = "pass"
-                await self._slow_down(reader, writer)
+                await self._answer(mode, reader, writer)
                 return
             early = b""
             if mode == "delay":
@@ -196,8 +198,9 @@ class S3FaultProxy:
             await collector
         return None if ended.is_set() else bytes(received)
 
-    async def _slow_down(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Read the request (its body too, unless the client waits for 100 Continue) and answer 503 Slow Down."""
+    async def _answer(self, status: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Read the request (its body too, unless the client waits for 100 Continue) and answer it with S3's
+        error for ``status``."""
         head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").lower()
         length = 0
         for line in head.split("\r\n"):
@@ -206,11 +209,15 @@ class S3FaultProxy:
                 length = int(value)
         if "expect: 100-continue" not in head and length:
             await reader.readexactly(length)
-        self.counts["503 answered"] += 1
+        self.counts[f"{status} answered"] += 1
+        status_line, code, message = ANSWERS[status]
+        body = b"<?xml version='1.0' encoding='UTF-8'?>\n<Error><Code>%s</Code><Message>%s</Message></Error>" % (
+            code,
+            message,
+        )
         writer.write(
-            b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nConnection: close\r\n"
-            + f"Content-Length: {len(SLOW_DOWN)}\r\n\r\n".encode()
-            + SLOW_DOWN
+            b"HTTP/1.1 %s\r\nContent-Type: application/xml\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+            % (status_line, len(body), body)
         )
         await writer.drain()
 

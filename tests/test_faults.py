@@ -1,4 +1,4 @@
-"""Faults that lose nothing (issue 13 item 5): S3 killed, slow, resetting or answering 503 for a while, and the
+"""Faults that lose nothing (issue 13 item 5): S3 killed, slow, resetting or answering 503/500 for a while, and the
 user database's connections killed during logins and transfers. Every session gets a reply (451, 426, 421 or
 530, never a silent close), an upload cut short leaves no object and no pending multipart upload, and the same
 gateway serves again as soon as the dependency is back, without a restart.
@@ -176,7 +176,7 @@ def test_s3_killed_during_an_upload_then_back(tmp_path: Path, fault_counts: Coun
         moto.kill()
 
 
-# -- S3 slow, resetting, answering 503 (a proxy in front of the run's moto) ------------------------------------
+# -- S3 slow, resetting, answering 503 or 500 (a proxy in front of the run's moto) -------------------------------
 
 
 @pytest.fixture
@@ -255,13 +255,20 @@ def test_s3_answering_503_is_retried_then_answered_451(tmp_path: Path, proxy: S3
     gateway = proxied_gateway(tmp_path, proxy, max_attempts=2)
     try:
         client = ftp_login(gateway.host, gateway.port, "alice")
-        # s3.max_attempts = 2 is two attempts in all: one 503 is absorbed by the retry, two in a row are not.
+        # s3.max_attempts = 2 is two attempts in all: one 503 (or 500) is absorbed by the retry, two in a row are not.
         proxy.set("503", count=1)
         assert store(client, "small.bin", b"small").startswith("226")
-        assert proxy.served_503() == 1
+        assert proxy.answered("503") == 1
         proxy.set("503", count=2)
         assert store(client, "other.bin", b"other").startswith("451")
-        assert proxy.served_503() == 3
+        assert proxy.answered("503") == 3
+        proxy.set("500", count=1)
+        assert retrieve(client, "small.bin") == ("226 Transfer complete.", b"small")
+        # RETR asks about the path twice at once (HeadObject, ListObjectsV2): enough 500s for both to fail twice.
+        proxy.set("500", count=4)
+        assert retrieve(client, "small.bin")[0].startswith("451")
+        assert proxy.answered("500") >= 3  # the first to fail twice ends the other's retry
+        proxy.set("pass")
         # S3 busy for longer than the retries: replies, nothing partial.
         upload, download, listing = fault_during_upload(client, direct_s3, proxy, "503", count=10_000)
         for reply, what in ((upload, "STOR"), (download, "RETR"), (listing, "LIST")):
