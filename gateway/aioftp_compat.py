@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 
 
 def buffered(reader: asyncio.StreamReader) -> bytes | bytearray:
@@ -133,3 +134,27 @@ def ended_before_reset(reader: asyncio.StreamReader) -> bytes | None:
         return None
     data, _ = take_buffered(reader)
     return data
+
+
+def defer_close(writer: asyncio.StreamWriter) -> Callable[[], None]:
+    """Make ``writer.close()`` a half-close, and return the real close for later.
+
+    aioftp's dispatcher ends every session with ``stream.close()``, which closes the control connection's writer at
+    once. A socket closed while the client's input is still unread (a client that pipelined commands past QUIT, or
+    past its third wrong password) makes the kernel send RST instead of FIN, and the client's kernel then drops the
+    221 or 421 reply it had not read yet. Here that close only sends FIN after the last reply (``write_eof``) and
+    leaves the reading side open: the caller drops what still comes (``server.linger``), then calls the real close.
+    """
+    real_close = writer.close
+
+    def half_close() -> None:
+        if writer.is_closing() or not writer.can_write_eof():
+            real_close()
+            return
+        try:
+            writer.write_eof()
+        except (OSError, RuntimeError):
+            real_close()
+
+    writer.close = half_close  # type: ignore[method-assign]
+    return real_close

@@ -115,4 +115,7 @@ def _tell_the_rest(server: CommandBase) -> None:
     be stuck behind a command that will not end in time. A transport sends what it holds before it closes."""
     for writer in list(server.sessions):
         if not writer.is_closing():
-            writer.write(b"421 Server shutting down; closing control connection.\r\n")
+            try:
+                writer.write(b"421 Server shutting down; closing control connection.\r\n")
+            except RuntimeError:
+                pass  # its session has just ended: FIN sent after its last reply (aioftp_compat.defer_close)

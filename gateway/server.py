@@ -47,6 +47,9 @@ logger = logging.getLogger(__name__)
 AUDITED = {"dele": "delete", "rmd": "rmdir", "xrmd": "rmdir", "mkd": "mkdir", "xmkd": "mkdir", "rnto": "rename"}
 # Transfers: audited by their worker once they started (``TransferWatch``), here when refused before the 150.
 TRANSFERS = {"stor": "upload", "appe": "upload", "stou": "upload", "retr": "download"}
+# Seconds a session the server ended keeps reading (and dropping) what the client still sends, after its last
+# reply and a FIN, before the socket is closed (see ``aioftp_compat.defer_close``); Apache lingers as long.
+LINGER = 2.0
 
 
 @dataclass(slots=True)
@@ -112,14 +115,20 @@ class GatewayServer(
                 record = CommandRecord(verb)
                 current_command.set(record)
             async with session.command_lock:
+                if session.ended:
+                    # Read after the command that ended the session (QUIT, a third wrong password), while that
+                    # one's reply went out: not run, so that reply is the last.
+                    return True
                 if refused_while_draining and self.draining:
                     return refuse_transfer(connection, session)
                 if record is None or not audited:
-                    return await guarded(connection, rest)
-                path = self._virtual_path(connection, session, rest)
-                source = session.rename_from
-                keep = await guarded(connection, rest)
-                self._audit(verb, record, session, path, source)
+                    keep = await guarded(connection, rest)
+                else:
+                    path = self._virtual_path(connection, session, rest)
+                    source = session.rename_from
+                    keep = await guarded(connection, rest)
+                    self._audit(verb, record, session, path, source)
+                session.ended = not keep
                 return keep
 
         return command
@@ -281,16 +290,25 @@ class GatewayServer(
         self.sessions[writer] = session
         log_context.set(session.log_context())
         self.metrics.session_opened()
+        close = aioftp_compat.defer_close(writer)
+        cancelled = False
         try:
             await super().dispatcher(reader, writer)
         except asyncio.CancelledError:
-            pass
+            cancelled = True
         finally:
             del self.sessions[writer]
             data.release()
             self.metrics.session_closed()
             if self.draining and not self.sessions:
                 self.sessions_closed.set()
+            try:
+                if not cancelled:
+                    await linger(reader, LINGER)
+            except asyncio.CancelledError:
+                pass
+            finally:
+                close()
 
 
 async def refuse(writer: asyncio.StreamWriter, reply: str) -> None:
@@ -300,6 +318,17 @@ async def refuse(writer: asyncio.StreamWriter, reply: str) -> None:
         writer.close()
         await writer.wait_closed()
     except OSError:
+        pass
+
+
+async def linger(reader: asyncio.StreamReader, seconds: float) -> None:
+    """Drop what the client still sends until it closes, for at most ``seconds``: a socket closed with unread
+    input sends RST, which can make the client lose the last reply (see ``aioftp_compat.defer_close``)."""
+    try:
+        async with asyncio.timeout(seconds):
+            while await reader.read(64 * 1024):
+                pass
+    except (TimeoutError, OSError):
         pass
 
 

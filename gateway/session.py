@@ -55,6 +55,8 @@ class SessionState:
     read_deadline: asyncio.Timeout | None = None
     # Draining: the session was handed its closing pseudo-command (``control.DRAIN``) and is waiting for it to run.
     closing: bool = False
+    # A command ended the session (its handler returned False): the commands read after it are not run.
+    ended: bool = False
     # The FTP path RNFR named (aioftp keeps only the storage's path), for RNTO's audit event.
     rename_from: PurePosixPath | None = None
     # The replies of this session's commands are counted (``GatewayServer._command``).

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,19 @@ def db_gateway(tmp_path: Path, database_url: str) -> Iterator[GatewayThread]:
         yield gw
 
 
+# Faults injected and hostile inputs thrown in this run (tests/test_faults.py, tests/test_fuzz.py), by kind;
+# printed at the end. A test's counts travel on its teardown report, as the matrix's cells do (pytest-xdist).
+FAULTS: Counter[str] = Counter()
+
+
+@pytest.fixture
+def fault_counts(request: pytest.FixtureRequest) -> Iterator[Counter[str]]:
+    """Where a test counts the faults it injected; added to the run's summary."""
+    counts: Counter[str] = Counter()
+    yield counts
+    request.node.user_properties.append(("faults", dict(counts)))
+
+
 # -- the client compatibility matrix ---------------------------------------------------------------------------
 # Tests marked ``matrix`` record their outcome under (client, backend); the table is printed at the end.
 
@@ -122,6 +136,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.when == "teardown":
+        FAULTS.update(dict(report.user_properties).get("faults", {}))
     cell = dict(report.user_properties).get("matrix")
     if cell is None or report.when not in ("setup", "call"):
         return
@@ -135,6 +151,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FAULTS:
+        terminalreporter.write_sep("=", "faults injected and hostile inputs thrown (all survived unless a test failed)")
+        terminalreporter.write_line(", ".join(f"{kind}: {count}" for kind, count in sorted(FAULTS.items())))
     if not MATRIX:
         return
     clients = sorted({client for client, _ in MATRIX})

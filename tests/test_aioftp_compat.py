@@ -203,3 +203,31 @@ async def test_ended_before_reset() -> None:
     reader.set_exception(ConnectionResetError())
     assert aioftp_compat.ended_before_reset(reader) == b"last block"
     assert aioftp_compat.ended_before_reset(reader) == b""
+
+
+async def test_deferred_close_half_closes_then_closes() -> None:
+    """aioftp's dispatcher ends a session with ``writer.close()``: after ``defer_close`` that sends FIN and keeps
+    the reading side open, and the returned close really closes."""
+    received = asyncio.Event()
+    server_sides: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        server_sides.append((reader, writer))
+        received.set()
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+    await received.wait()
+    their_reader, their_writer = server_sides[0]
+    close = aioftp_compat.defer_close(their_writer)
+    their_writer.write(b"221 bye\r\n")
+    their_writer.close()
+    assert await reader.read() == b"221 bye\r\n"  # then EOF: the FIN
+    writer.write(b"NOOP\r\n")
+    assert await their_reader.readline() == b"NOOP\r\n"  # still read after the half-close
+    close()
+    await their_writer.wait_closed()
+    writer.close()
+    await writer.wait_closed()
+    server.close()
+    await server.wait_closed()

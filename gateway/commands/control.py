@@ -32,6 +32,9 @@ DRAIN = " drain"
 PROXY_HEADER = " proxy-header"
 # No login within ``timeouts.login`` of connecting: 421 and close, after a PASS that is running.
 LOGIN_LATE = " login-late"
+# A verb no handler knows (its argument is the verb): 502 in its turn. aioftp's dispatcher would answer it at once,
+# ahead of the replies of the commands before it, and even after the 221 of a QUIT before it.
+UNKNOWN = " unknown"
 # The third line of a PROXY v2 signature (``\r\n\r\n\x00\r\nQUIT\n``), never an FTP command.
 PROXY_V2_LINE = b"\x00\r\n"
 
@@ -45,6 +48,7 @@ class ControlConnection(CommandBase):
         DRAIN: "control_draining",
         PROXY_HEADER: "proxy_header",
         LOGIN_LATE: "login_late",
+        UNKNOWN: "unknown_command",
     }
 
     async def parse_command(self, stream: aioftp.StreamIO, censor_commands: tuple[str] = ("pass",)) -> tuple[str, str]:
@@ -63,6 +67,8 @@ class ControlConnection(CommandBase):
         line = b""
         loop = asyncio.get_running_loop()
         idle_at: float | None = None
+        # Part of a line over the length limit was dropped: the rest of it goes too, up to its end.
+        too_long = False
         while True:
             if self.draining and session is not None and not session.transfers and not session.closing:
                 session.closing = True
@@ -82,7 +88,15 @@ class ControlConnection(CommandBase):
                 async with asyncio.timeout_at(wake_at) as deadline:
                     if session is not None:
                         session.read_deadline = deadline
-                    line = await stream.reader.readline()
+                    line = await stream.reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError as exc:
+                # asyncio's readline would drop only what it holds and hand out the rest of the line later as a
+                # command of its own (after a pause, ``<64 KiB of padding>DELE file`` ran the DELE).
+                await stream.reader.readexactly(exc.consumed)
+                too_long = True
+                continue
+            except asyncio.IncompleteReadError as exc:
+                line = b"" if too_long else exc.partial  # the end of the connection (after a last unended line)
             except TimeoutError:
                 if self.draining or (session is not None and session.busy):
                     idle_at = None  # the idle time starts again
@@ -90,8 +104,6 @@ class ControlConnection(CommandBase):
                 if idle_at is None or loop.time() < idle_at:
                     continue  # the login's deadline, not the idle one: a session logged in since is not idle
                 return IDLE, ""
-            except ValueError:
-                return LINE_TOO_LONG, ""
             except OSError:
                 return EOF, ""
             finally:
@@ -100,6 +112,8 @@ class ControlConnection(CommandBase):
             break
         if not line:
             return EOF, ""
+        if too_long:
+            return LINE_TOO_LONG, ""
         if line.startswith(b"PROXY ") or line == PROXY_V2_LINE:
             # A header that was not read as one: the peer is not trusted (or sent a second one). Never honoured.
             return PROXY_HEADER, ""
@@ -122,8 +136,9 @@ class ControlConnection(CommandBase):
                 log_context.set(session.log_context())
             logger.debug("%s %s", verb.upper(), "***" if verb in censor_commands else rest)
         if verb not in self.commands_mapping:
-            # aioftp's dispatcher answers it 502; counted under one label whatever the client sent.
+            # Counted under one label whatever the client sent.
             self.metrics.command(OTHER_VERB, "502")
+            return UNKNOWN, verb
         return verb, rest
 
     async def write_response(
@@ -198,6 +213,10 @@ class ControlConnection(CommandBase):
             return True
         connection.response("421", "Server shutting down; closing control connection.")
         return False
+
+    async def unknown_command(self, connection: aioftp.Connection, verb: str) -> bool:
+        connection.response("502", f"{verb!r} not implemented")
+        return True
 
     async def line_too_long(self, connection: aioftp.Connection, rest: str) -> bool:
         connection.response("500", "Command line too long.")

@@ -110,7 +110,8 @@ def _create_client(s: S3Settings) -> Any:
         s3={"addressing_style": s.addressing_style, "payload_signing_enabled": s.payload_signing},
         connect_timeout=s.connect_timeout,
         read_timeout=s.read_timeout,
-        retries={"max_attempts": s.max_attempts, "mode": "standard"},
+        # Attempts in all, the first one included (botocore's own "max_attempts" counts the retries only).
+        retries={"total_max_attempts": s.max_attempts, "mode": "standard"},
         max_pool_connections=s.max_pool_connections,
         # Checksums only where S3 requires them: other S3-compatible stores reject the newer defaults.
         request_checksum_calculation="when_required",
@@ -174,7 +175,9 @@ class S3Context:
 
 def outcome_of(exc: BaseException) -> str:
     """A failed request's outcome label: the class of S3's HTTP status, or ``error`` when none came."""
-    status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+    # botocore's ReadTimeoutError and ConnectionClosedError have a ``response`` attribute, set to None.
+    response = getattr(exc, "response", None) or {}
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     if isinstance(status, int) and 400 <= status < 600:
         return f"{status // 100}xx"
     return "error"
@@ -204,7 +207,9 @@ class AbortJanitor:
             except FileNotFoundError:
                 ctx.observer.multipart_ended()
                 return  # already gone
-            except OSError:
+            except Exception as exc:  # noqa: BLE001 - whatever it was, the upload is still there to abort
+                if not isinstance(exc, OSError):
+                    logger.warning("aborting multipart upload %s of %s failed: %r", upload_id, key, exc)
                 delay = min(delay * 2, self.MAX_DELAY)
                 continue
             ctx.observer.multipart_ended()
