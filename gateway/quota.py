@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import stat
 from dataclasses import dataclass
 
 from gateway.errors import QuotaExceeded, QuotaUnavailable
@@ -61,13 +59,11 @@ class Quotas:
         self.store = store
         self.timeout = timeout
 
-    async def plan_upload(
-        self, user: GatewayUser, target: os.stat_result | None, *, offset: int, append: bool
-    ) -> UploadPlan:
+    async def plan_upload(self, user: GatewayUser, replaced: int | None, *, offset: int, append: bool) -> UploadPlan:
         """The upload's plan; QuotaExceeded (552) if the user is already at a quota, QuotaUnavailable (451) if
-        the usage cannot be read. ``target`` is the stat of the path uploaded to, or None if nothing is there."""
-        existed = target is not None and stat.S_ISREG(target.st_mode)
-        old_size = target.st_size if target is not None and existed else 0
+        the usage cannot be read. ``replaced`` is the size of the file uploaded to, or None if there is none."""
+        existed = replaced is not None
+        old_size = replaced or 0
         kept = old_size if append else min(offset, old_size)
         if user.quota_bytes is None and user.quota_files is None:
             return UploadPlan(existed, old_size, kept, None)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import socket
@@ -56,18 +55,20 @@ class TransferCommands(CommandBase):
         settings = self.settings.transfer
         offset = session.take_restart_offset()
         real_path, virtual_path = self.get_paths(connection, rest)
-        # One stat: the file replaced, for REST and for the quota (its size and whether it is a new file).
-        st = await self.stat_or_none(session, real_path)
         if offset:
-            if st is None:
-                raise FileNotFoundError(errno.ENOENT, "no such file", str(virtual_path))  # 550 (errors table)
+            # One stat (a missing file is a 550 from the errors table), not is_file and then stat.
+            st = await session.path_io.stat(real_path)
             if not stat.S_ISREG(st.st_mode):
                 connection.response("550", "Not a file to restart.")
                 return True
             if offset > st.st_size:
                 raise RestartOffsetError(offset, st.st_size)
+            old_size: int | None = st.st_size
+        else:
+            # The file replaced, if any (its size, and whether the upload makes a new file): for the quota.
+            old_size = await session.path_io.file_size(real_path)
         user: GatewayUser = connection.user  # set at login (LOGGED_IN)
-        plan = await self.quotas.plan_upload(user, st, offset=offset, append=mode == "ab")  # 552 if at a quota
+        plan = await self.quotas.plan_upload(user, old_size, offset=offset, append=mode == "ab")  # 552 if at a quota
 
         watch = TransferWatch(self, session, "upload", virtual_path)
 
