@@ -173,6 +173,7 @@ def build_parser() -> Parser:
         ("disable", cmd_user_disable, "refuse the user's logins"),
         ("enable", cmd_user_enable, "allow the user's logins again"),
         ("delete", cmd_user_delete, "delete the user (files are kept)"),
+        ("rescan", cmd_user_rescan, "recount the user's bytes and files (its usage) from its storage"),
     ):
         sub = user.add_parser(name, parents=[common], help=text)
         sub.add_argument("name")
@@ -419,6 +420,13 @@ def cmd_user_enable(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_user_delete(settings: Settings, args: argparse.Namespace) -> int:
     run_with_store(settings, lambda store: store.delete(args.name))
     print(f"user {args.name} deleted")
+    return 0
+
+
+def cmd_user_rescan(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.rescan import rescan
+
+    print(run_with_store(settings, lambda store: rescan(settings, store, args.name), "rescan failed").describe())
     return 0
 
 

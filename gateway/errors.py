@@ -40,12 +40,25 @@ class RestartOffsetError(OSError):
         super().__init__(errno.EINVAL, f"restart offset {offset} is beyond the end of the file ({size} bytes)")
 
 
+class QuotaExceeded(OSError):
+    """An upload would take the user past its byte or file quota (RFC 959: 552, also after a 150)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EDQUOT, message)
+
+
+class QuotaUnavailable(Exception):
+    """The user's usage could not be read from the database before an upload (451: try again)."""
+
+
 # Looked up in this order: our own exception types, then the errno of an OSError, then builtin types.
 _OWN: tuple[tuple[type[BaseException], str, str], ...] = (
     (RestartOffsetError, "554", "Invalid REST parameter."),
     (SessionNotResumed, "522", "TLS data connection refused: it must resume the control connection's TLS session."),
     (NoDataConnection, "425", "Can't open data connection."),
     (DataConnectionError, "426", "Connection closed; transfer aborted."),
+    (QuotaExceeded, "552", "Exceeded storage allocation (quota)."),
+    (QuotaUnavailable, "451", "Quota check failed; try again later."),
 )
 _BY_ERRNO: dict[int, tuple[str, str]] = {
     errno.ENOTEMPTY: ("550", "Directory not empty."),
@@ -75,8 +88,9 @@ _BY_TYPE: tuple[tuple[type[BaseException], str, str], ...] = (
     (TimeoutError, "451", "Storage timed out; try again."),
 )
 FALLBACK = ("451", "Local error in processing.")
-# 5xx replies that stay as they are after a 150: RFC 4217 names 522 for a data connection whose TLS failed.
-AFTER_PRELIMINARY = frozenset({"522"})
+# 5xx replies that stay as they are after a 150: RFC 4217 names 522 for a data connection whose TLS failed,
+# RFC 959 (4.2) 552 for a STOR past the storage allocation (a quota).
+AFTER_PRELIMINARY = frozenset({"522", "552"})
 
 
 def _lookup(exc: BaseException) -> tuple[str, str] | None:

@@ -27,7 +27,7 @@ from typing import Any, TypeVar, cast
 from aioftp.common import ThrottleStreamIO
 
 from gateway import aioftp_compat
-from gateway.errors import DataConnectionError
+from gateway.errors import DataConnectionError, QuotaExceeded
 
 T = TypeVar("T")
 # Socket errors that mean the data connection is gone (or timed out), not that the file failed.
@@ -50,12 +50,18 @@ class TransferPump:
             return False
         return not any(getattr(throttle, direction).limit for throttle in stream.throttles.values())
 
-    async def upload(self, stream: ThrottleStreamIO, fd: int, block_size: int, idle_seconds: float | None) -> int:
-        """Copy the data connection into ``fd`` until the client closes it; returns the byte count."""
+    async def upload(
+        self, stream: ThrottleStreamIO, fd: int, block_size: int, idle_seconds: float | None, room: int | None = None
+    ) -> int:
+        """Copy the data connection into ``fd`` until the client closes it; returns the byte count. More than
+        ``room`` bytes (a quota) fail with QuotaExceeded, having taken at most one byte more from the socket."""
         cast(asyncio.Transport, stream.writer.transport).pause_reading()
         # What the transport read before the pause is in the StreamReader: it goes first.
         first, at_eof = aioftp_compat.take_buffered(stream.reader)
-        return await self._run(stream, idle_seconds, lambda sock: _receive_into(sock, fd, first, at_eof, block_size))
+        limit = _Limit(room)
+        return await self._run(
+            stream, idle_seconds, lambda sock: _receive_into(sock, fd, first, at_eof, block_size, limit)
+        )
 
     async def download(self, stream: ThrottleStreamIO, fd: int, offset: int, idle_seconds: float | None) -> int:
         """Send ``fd`` from ``offset`` to its end over the data connection; returns the byte count."""
@@ -171,35 +177,53 @@ def _write_all(fd: int, data: Any) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _receive_into(sock: socket.socket, fd: int, first: bytes, at_eof: bool, block_size: int) -> int:
+class _Limit:
+    """The most bytes an upload may take (a quota's room), or none: how much to ask the socket for next."""
+
+    def __init__(self, room: int | None) -> None:
+        self.room = room
+
+    def take(self, total: int, block_size: int) -> int:
+        """Raise QuotaExceeded once ``total`` passed the room; else ask for a block, or one byte past the room."""
+        if self.room is None:
+            return block_size
+        if total > self.room:
+            raise QuotaExceeded(f"upload passed the byte quota ({self.room} bytes left)")
+        return min(block_size, self.room + 1 - total)
+
+
+def _receive_into(sock: socket.socket, fd: int, first: bytes, at_eof: bool, block_size: int, limit: _Limit) -> int:
     total = len(first)
+    limit.take(total, block_size)
     if first:
         _write_all(fd, first)
     if at_eof:
         return total
     if hasattr(os, "splice"):
-        return total + _splice_into(sock, fd, block_size)
+        return total + _splice_into(sock, fd, block_size, limit, total)
     buffer = bytearray(block_size)
     view = memoryview(buffer)
     while True:
+        wanted = limit.take(total, block_size)
         filled = 0
-        while filled < block_size:
+        ended = False
+        while filled < wanted and not ended:
             try:
-                count = sock.recv_into(view[filled:])
+                count = sock.recv_into(view[filled:wanted])
             except OSError as exc:
                 raise _connection_error(exc) from exc
-            if count == 0:
-                break
+            ended = count == 0
             filled += count
         if filled:
             _write_all(fd, view[:filled])
             total += filled
-        if filled < block_size:
+        if ended:
             return total
 
 
-def _splice_into(sock: socket.socket, fd: int, block_size: int) -> int:
-    """socket -> pipe -> file inside the kernel: the bytes never cross into Python (Linux splice)."""
+def _splice_into(sock: socket.socket, fd: int, block_size: int, limit: _Limit, before: int) -> int:
+    """socket -> pipe -> file inside the kernel: the bytes never cross into Python (Linux splice). ``before``
+    bytes were written already (they count towards the limit)."""
     read_end, write_end = os.pipe()
     try:
         try:
@@ -208,8 +232,9 @@ def _splice_into(sock: socket.socket, fd: int, block_size: int) -> int:
             pass  # above /proc/sys/fs/pipe-max-size: the default size works, with more calls
         total = 0
         while True:
+            wanted = limit.take(before + total, block_size)
             try:
-                count = os.splice(sock.fileno(), write_end, block_size)
+                count = os.splice(sock.fileno(), write_end, wanted)
             except OSError as exc:
                 raise _connection_error(exc) from exc
             if count == 0:

@@ -232,6 +232,14 @@ class TransactionalPathIO(AbstractPathIO[Path]):
             await download.close()
         return hasher.hexdigest()
 
+    @universal_exception
+    @with_timeout
+    async def file_size(self, path: Path) -> int | None:
+        """The size of the regular file at ``path``, or None where there is none (nothing, or a directory): what
+        an upload would replace, asked before it starts. A backend may answer it more cheaply than ``stat``."""
+        st = await self._cached_probe(path)
+        return st.st_size if st is not None and stat.S_ISREG(st.st_mode) else None
+
     async def set_mtime(self, path: Path, mtime: float) -> None:
         """MFMT: set a file's modification time (seconds since the epoch, UTC)."""
         raise OSError(errno.EOPNOTSUPP, "modification times cannot be set on this storage", str(path))

@@ -32,6 +32,7 @@ from gateway.errors import answer, transfer_errors, unwrap
 from gateway.metrics import Metrics
 from gateway.proxy_protocol import ProxyPolicy
 from gateway.pump import TransferPump
+from gateway.quota import Quotas
 from gateway.session import SessionState
 from gateway.tls import ServerTLS
 from gateway.users.manager import DatabaseUserManager, GatewayUser
@@ -88,6 +89,8 @@ class CommandBase(aioftp.Server):
         # Control connections at once (the next one gets 421): the setting, or what the open-files limit allows.
         self.max_connections = max_connections
         self.user_manager: DatabaseUserManager = user_manager
+        # Users' byte and file quotas, and the usage every change of their files is counted in.
+        self.quotas = Quotas(user_manager.store, settings.database.timeout)
         threads = settings.transfer.pump_threads
         self.pump = TransferPump(threads) if threads else None
         proxy = settings.proxy_protocol

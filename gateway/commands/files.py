@@ -1,7 +1,9 @@
-"""PWD, MKD, RNTO, SIZE, MDTM and MFMT (aioftp's CWD, CDUP, RMD, DELE and RNFR are used as they are)."""
+"""PWD, MKD, DELE, RNTO, SIZE, MDTM and MFMT (aioftp's CWD, CDUP, RMD and RNFR are used as they are). DELE and
+RNTO count what they remove in the user's usage (``gateway.quota``)."""
 
 from __future__ import annotations
 
+import stat
 from pathlib import PurePosixPath
 
 import aioftp
@@ -33,6 +35,18 @@ class FileCommands(CommandBase):
         connection.response("257", f"{quote_path(virtual_path)} created.")
         return True
 
+    @checks(LOGGED_IN, aioftp.PathPermissions(aioftp.PathPermissions.writable))
+    async def dele(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
+        # aioftp's asks exists, then is_file; one stat gives that and the size the usage loses.
+        session = self.session(connection)
+        real_path, virtual_path = self.get_paths(connection, rest)
+        st = await self.regular_file(connection, real_path)
+        if st is not None:
+            await session.path_io.unlink(real_path)
+            await self.quotas.record(connection.user, -st.st_size, -1, f"delete of {virtual_path}")
+            connection.response("250", "File deleted.")
+        return True
+
     @checks(
         aioftp.ConnectionConditions(
             aioftp.ConnectionConditions.login_required,
@@ -42,21 +56,25 @@ class FileCommands(CommandBase):
     )
     async def rnto(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
         # Unlike aioftp, an existing *file* is replaced, as on a Unix rename and in vsftpd: clients upload to a
-        # temporary name and rename over the old file. A directory is never replaced.
+        # temporary name and rename over the old file (its size leaves the usage). A directory is never replaced.
+        session = self.session(connection)
         real_path, virtual_path = self.get_paths(connection, rest)
         source = connection.rename_from
         del connection.rename_from
-        path_io = self.session(connection).path_io
+        path_io = session.path_io
+        target = None if real_path == source else await self.stat_or_none(session, real_path)
         if real_path == source:
             connection.response("250", "Rename successful (same name).")
-        elif await path_io.is_dir(real_path):
+        elif target is not None and stat.S_ISDIR(target.st_mode):
             connection.response("550", "Destination is a directory.")
-        elif await path_io.is_dir(source) and await path_io.exists(real_path):
+        elif target is not None and await path_io.is_dir(source):
             connection.response("550", "Destination exists.")
-        elif real_path != source and real_path.is_relative_to(source):
+        elif real_path.is_relative_to(source):
             connection.response("550", "Cannot move a directory into itself.")
         else:
             await path_io.rename(source, real_path)
+            if target is not None:
+                await self.quotas.record(connection.user, -target.st_size, -1, f"rename over {virtual_path}")
             connection.response("250", "Rename successful.")
         return True
 

@@ -26,8 +26,9 @@ from aioftp.common import ThrottleStreamIO
 from gateway import aioftp_compat
 from gateway.commands.base import LOGGED_IN, CommandBase, checks, data_channel_ready
 from gateway.datachannel import AsciiConverter, BlockReceiver, send
-from gateway.errors import DataConnectionError, RestartOffsetError, reply_for
+from gateway.errors import DataConnectionError, QuotaExceeded, RestartOffsetError, reply_for
 from gateway.session import SessionState
+from gateway.users.manager import GatewayUser
 from pathio_backends.base import Download, Upload
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,12 @@ class TransferCommands(CommandBase):
                 return True
             if offset > st.st_size:
                 raise RestartOffsetError(offset, st.st_size)
+            old_size: int | None = st.st_size
+        else:
+            # The file replaced, if any (its size, and whether the upload makes a new file): for the quota.
+            old_size = await session.path_io.file_size(real_path)
+        user: GatewayUser = connection.user  # set at login (LOGGED_IN)
+        plan = await self.quotas.plan_upload(user, old_size, offset=offset, append=mode == "ab")  # 552 if at a quota
 
         watch = TransferWatch(self, session, "upload", virtual_path)
 
@@ -69,7 +76,8 @@ class TransferCommands(CommandBase):
             try:
                 started = time.monotonic()
                 async with await session.data.connect(connection.command_connection.throttles) as stream:
-                    received = watch.bytes = await self._receive(session, stream, upload)
+                    received, stored = await self._receive(session, stream, upload, plan.room)
+                    watch.bytes = received
                 # Looked at once the data connection is closed (work done anyway, during which a dying client's
                 # last sockets close too), then watched for a share of the upload's duration.
                 grace = min(settings.close_grace, settings.close_grace_fraction * (time.monotonic() - started))
@@ -78,6 +86,7 @@ class TransferCommands(CommandBase):
                 await upload.commit()
             finally:
                 await upload.abort()  # nothing, once committed
+            await self.quotas.record(user, *plan.change(stored), f"upload of {virtual_path}")
             logger.info("stored %s (%d bytes%s)", virtual_path, received, f" at {offset}" if offset else "")
             connection.response("226", "Transfer complete.")
 
@@ -94,19 +103,32 @@ class TransferCommands(CommandBase):
         )
         return True
 
-    async def _receive(self, session: SessionState, stream: ThrottleStreamIO, upload: Upload) -> int:
+    async def _receive(
+        self, session: SessionState, stream: ThrottleStreamIO, upload: Upload, room: int | None
+    ) -> tuple[int, int]:
         """Store what the data connection brings until it ends: in a pump thread (splice) where the storage
-        has a descriptor and no speed limit applies, else block by block on the event loop."""
+        has a descriptor and no speed limit applies, else block by block on the event loop. Bytes received and
+        stored (they differ in ASCII mode); QuotaExceeded (552) as the stored bytes pass ``room``."""
         fd = None if session.ascii else upload.fileno()
         if fd is not None and self.pump is not None and self.pump.usable(stream, "read"):
-            return await self.pump.upload(stream, fd, self.block_size, self.socket_timeout)
+            received = await self.pump.upload(stream, fd, self.block_size, self.socket_timeout, room)
+            return received, received
         receiver = BlockReceiver(stream, self.block_size)
         converter = AsciiConverter() if session.ascii else None
+        stored = 0
+
+        async def store(data: bytes) -> None:
+            nonlocal stored
+            stored += len(data)
+            if room is not None and stored > room:
+                raise QuotaExceeded(f"upload passed the byte quota ({room} bytes left)")
+            await upload.write(data)
+
         async for block in receiver:
-            await upload.write(converter.to_storage(block) if converter else block)
+            await store(converter.to_storage(block) if converter else block)
         if converter and (tail := converter.flush()):
-            await upload.write(tail)
-        return receiver.received
+            await store(tail)
+        return receiver.received, stored
 
     async def stou(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
         """STOR under a name no file has yet (RFC 959); the 150 reply names it (RFC 1123 4.1.2.9)."""

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from pathlib import PurePosixPath
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import BigInteger, bindparam, case, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
@@ -224,6 +224,22 @@ _GET_USER = (
     .order_by(_PERMISSIONS.c.path)
 )
 
+_USAGE = select(_USERS.c.used_bytes, _USERS.c.used_files).where(_USERS.c.id == bindparam("user_id"))
+
+
+def _at_least_zero(column: Any, delta: Any) -> Any:
+    return case((column + delta < 0, 0), else_=column + delta)
+
+
+_ADD_USAGE = (
+    update(UserRow)
+    .where(UserRow.id == bindparam("user_id"))
+    .values(
+        used_bytes=_at_least_zero(UserRow.used_bytes, bindparam("bytes", type_=BigInteger)),
+        used_files=_at_least_zero(UserRow.used_files, bindparam("files", type_=BigInteger)),
+    )
+)
+
 
 def _now() -> datetime:
     return datetime.now(UTC)
@@ -371,6 +387,28 @@ class UserStore:
                 raise UserNotFound(f"no user {name!r}")
             await session.delete(row)
             await session.commit()
+
+    async def usage(self, user_id: int) -> tuple[int, int] | None:
+        """The user's bytes and files in use, as accounted, or None if the user is gone."""
+        async with self.engine.connect() as connection:
+            row = (await connection.execute(_USAGE, {"user_id": user_id})).first()
+        return None if row is None else (int(row.used_bytes), int(row.used_files))
+
+    async def add_usage(self, user_id: int, delta_bytes: int, delta_files: int) -> None:
+        """Change the usage by a delta in one statement, so changes from several sessions and replicas add up
+        (never below 0: a file removed behind the gateway's back may be deleted again). Neither the revision nor
+        ``updated_at`` moves: usage is no change to the user, and must not invalidate its cached logins."""
+        async with self.engine.begin() as connection:
+            await connection.execute(_ADD_USAGE, {"user_id": user_id, "bytes": delta_bytes, "files": delta_files})
+
+    async def set_usage(self, name: str, used_bytes: int, used_files: int) -> None:
+        """Set the usage counted from the storage (``user rescan``)."""
+        async with self.engine.begin() as connection:
+            result = await connection.execute(
+                update(UserRow).where(UserRow.name == name).values(used_bytes=used_bytes, used_files=used_files)
+            )
+        if result.rowcount == 0:
+            raise UserNotFound(f"no user {name!r}")
 
     async def record_login(self, user_id: int, revision: int, new_password_hash: str | None = None) -> None:
         """Stamp the last login. A hash made with newer parameters replaces the old one at the same time, unless the

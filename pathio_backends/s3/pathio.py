@@ -130,6 +130,16 @@ class S3PathIO(TransactionalPathIO):
             return stat.S_ISREG(cached.st_mode)
         return await self._file_stat(path) is not None
 
+    @universal_exception
+    @with_timeout
+    async def file_size(self, path: Path) -> int | None:
+        # One request (a HEAD): a directory in the way is found when the upload begins.
+        cached = self._listed_stat(path)
+        if cached is not None:
+            return cached.st_size if stat.S_ISREG(cached.st_mode) else None
+        st = await self._file_stat(path)
+        return None if st is None else st.st_size
+
     def list(self, path: Path) -> AsyncIterator[Path]:
         return S3Lister(self.ctx, path, self._dir_prefix, self._remember_listed, timeout=self.timeout)
 
