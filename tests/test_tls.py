@@ -11,8 +11,10 @@ import os
 import signal
 import socket
 import ssl
+import struct
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -596,3 +598,22 @@ def test_commands_sent_in_clear_after_auth_are_dropped(tls_gateway: GatewayThrea
         with certs.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
             tls.sendall(b"PASS secret\r\n")
             assert tls.recv(200).startswith(b"503 ")  # no USER was taken: "Send USER first"
+
+
+def test_a_client_gone_before_auths_reply_frees_its_session(tmp_path: Path, certs: Certificates) -> None:
+    """AUTH TLS queued behind a slow command (a wrong password's delay) whose client resets the connection: the 234
+    cannot be written, and the session must end rather than wait for it forever (it held its connection slot)."""
+    settings = gateway_settings(tmp_path, tls=certs.settings(), limits={"failed_login_delay": 0.5})
+    with running(settings) as gw:
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock:
+                assert sock.recv(1024).startswith(b"220")
+                sock.sendall(b"USER alice\r\nPASS wrong\r\nAUTH TLS\r\n")
+                time.sleep(0.2)  # read by the server (a reset would drop unread lines), AUTH waiting behind PASS
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with RST
+
+        def open_sessions() -> int:
+            assert gw.server is not None
+            return len(gw.server.sessions)
+
+        wait_until(lambda: open_sessions() == 0, timeout=5, what="the reset sessions to end")

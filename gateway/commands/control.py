@@ -159,6 +159,8 @@ class ControlConnection(CommandBase):
         logger.debug("%s", text)
         writer = stream.writer
         if writer.transport.is_closing():
+            if code == "234":
+                self._tls_reply_lost(writer)
             return
         writer.write("\r\n".join(text).encode(self.encoding))
         if code == "234":
@@ -184,6 +186,12 @@ class ControlConnection(CommandBase):
         if session is not None and session.tls_reply_written is not None and not session.tls_reply_written.done():
             writer.transport.pause_reading()  # type: ignore[attr-defined]
             session.tls_reply_written.set_result(None)
+
+    def _tls_reply_lost(self, writer: asyncio.StreamWriter) -> None:
+        """AUTH TLS's 234 could not be written (the client is gone): AUTH's handler ends instead of waiting for it."""
+        session = self.sessions.get(writer)
+        if session is not None and session.tls_reply_written is not None and not session.tls_reply_written.done():
+            session.tls_reply_written.set_exception(ConnectionResetError("the control connection closed before 234"))
 
     async def control_closed(self, connection: aioftp.Connection, rest: str) -> bool:
         logger.info("client closed the control connection")

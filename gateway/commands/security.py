@@ -76,7 +76,9 @@ class SecurityCommands(CommandBase):
         connection.response("234", "AUTH TLS successful; start the handshake.")
         stream = connection.command_connection
         try:
-            await written
+            # Bounded too: a 234 that is never written (the client vanished) must not hold the session forever.
+            async with asyncio.timeout(self.settings.timeouts.socket):
+                await written
             plaintext = await aioftp_compat.start_tls(
                 stream.reader, stream.writer, context, handshake_timeout=self.settings.timeouts.socket, early=False
             )
