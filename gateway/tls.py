@@ -79,7 +79,12 @@ def make_context(settings: TLSSettings) -> ssl.SSLContext:
     context = ServerContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(CIPHERS)
-    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    # No stateless tickets: a resumption then names a session in the server's own cache, so the session id a data
+    # connection resumes is the one it proves (with TLS 1.2 tickets a client could resume its own session under
+    # another session's id, and the id crosses in clear in TLS 1.2).
+    context.options |= (
+        ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_TICKET
+    )
     try:
         context.load_cert_chain(cert_file, key_file)
     except ssl.SSLError as exc:

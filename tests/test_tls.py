@@ -240,10 +240,22 @@ def test_no_tls_configured(local_gateway: GatewayThread) -> None:
         assert reply(ftp, "PBSZ 0").startswith("503")
 
 
-def test_data_connection_must_resume_the_session(tls_gateway: GatewayThread, certs: Certificates) -> None:
+VERSIONS = [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2]
+
+
+def client_context(certs: Certificates, version: ssl.TLSVersion) -> ssl.SSLContext:
+    context = certs.client_context()
+    context.maximum_version = version
+    return context
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=["TLS1.3", "TLS1.2"])
+def test_data_connection_must_resume_the_session(
+    tls_gateway: GatewayThread, certs: Certificates, version: ssl.TLSVersion
+) -> None:
     """ftplib's own FTP_TLS does not resume the session on its data connections: refused (522), and the session
     goes on; the same client with resumption is served."""
-    plain_tls = login(tls_gateway.port, certs, ftplib.FTP_TLS)
+    plain_tls = login(tls_gateway.port, certs, ftplib.FTP_TLS, context=client_context(certs, version))
     with pytest.raises(ftplib.error_perm, match="^522 .*resume"):
         plain_tls.retrlines("LIST")
     with pytest.raises(ftplib.error_perm, match="^522 "):
@@ -251,17 +263,19 @@ def test_data_connection_must_resume_the_session(tls_gateway: GatewayThread, cer
     assert "refused.bin" not in tls_gateway.files.files("alice")
     assert reply(plain_tls, "NOOP").startswith("200")
     plain_tls.quit()
-    resuming = login(tls_gateway.port, certs)
+    resuming = login(tls_gateway.port, certs, context=client_context(certs, version))
+    assert isinstance(resuming.sock, ssl.SSLSocket) and resuming.sock.version() == version.name.replace("_", ".")
     assert upload_and_download(resuming, "resumed.bin", b"y" * 5000) == b"y" * 5000
     resuming.quit()
 
 
+@pytest.mark.parametrize("version", VERSIONS, ids=["TLS1.3", "TLS1.2"])
 def test_data_connection_resuming_another_sessions_tls_is_refused(
-    tls_gateway: GatewayThread, certs: Certificates
+    tls_gateway: GatewayThread, certs: Certificates, version: ssl.TLSVersion
 ) -> None:
     """Someone with a session of their own (behind the same address: the passive port takes only the client's IP)
     resumes it on another session's data connection: refused, it is not that control connection's session."""
-    context = certs.client_context()  # one client context: Python resumes a session only within its own
+    context = client_context(certs, version)  # one client context: Python resumes a session only within its own
     owner = login(tls_gateway.port, certs, context=context)
     intruder = login(tls_gateway.port, certs, context=context)
 
