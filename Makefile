@@ -29,8 +29,8 @@ run: $(STAMP) ## serve FTP on 127.0.0.1:2121 onto an S3 inside the process (moto
 serve: $(STAMP) ## serve FTP on 127.0.0.1:2121 onto local disk: users in ./ftp-gateway.db, files in ./ftp-data/<user>
 	$(BIN)/ftp-gateway serve
 
-test: $(STAMP) ## run the whole test suite (real gateway, curl, PostgreSQL on 127.0.0.1:5432)
-	PYTHONWARNINGS=always $(BIN)/pytest
+test: $(STAMP) ## run the whole test suite (real gateway, curl, PostgreSQL on 127.0.0.1:5432), in two processes
+	PYTHONWARNINGS=always $(BIN)/pytest -n 2 --dist loadfile
 
 lint: $(STAMP) ## ruff format --check, ruff check, mypy --strict, hadolint Dockerfile
 	$(BIN)/ruff format --check gateway pathio_backends tests bench tools
