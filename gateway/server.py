@@ -43,6 +43,8 @@ from pathio_backends import BackendResources
 
 logger = logging.getLogger(__name__)
 
+# Seconds an implicit FTPS client has for its TLS handshake (at most timeouts.socket).
+HANDSHAKE = 10.0
 # Commands whose outcome is an audit event, and the event's name.
 AUDITED = {"dele": "delete", "rmd": "rmdir", "xrmd": "rmdir", "mkd": "mkdir", "xmkd": "mkdir", "rnto": "rename"}
 # Transfers: audited by their worker once they started (``TransferWatch``), here when refused before the 150.
@@ -265,15 +267,28 @@ class GatewayServer(
     ) -> None:
         context = None
         if implicit and self.tls is not None:
+            # A handshake holds its connection before aioftp counts it (at the greeting): connections that never
+            # finish theirs could otherwise take every file descriptor. None is begun past max_connections, and each
+            # is bounded (a handshake is a few round trips).
+            if len(self.sessions) + self.handshakes >= self.max_connections:
+                logger.warning(
+                    "implicit TLS connection from %s refused: %d connections open", host, self.max_connections
+                )
+                self.metrics.connection_refused("max_connections")
+                writer.close()
+                return
             context = self.tls.context
+            self.handshakes += 1
             try:
                 await aioftp_compat.start_tls(
-                    reader, writer, context, handshake_timeout=self.settings.timeouts.socket, early=True
+                    reader, writer, context, handshake_timeout=min(self.settings.timeouts.socket, HANDSHAKE), early=True
                 )
             except (OSError, TimeoutError) as exc:
                 logger.info("implicit TLS handshake from %s failed: %r", host, exc)
                 writer.close()
                 return
+            finally:
+                self.handshakes -= 1
         local_host, *_ = writer.get_extra_info("sockname")
         data = DataChannel(
             self.passive_ports,

@@ -631,3 +631,25 @@ def test_a_client_gone_before_auths_reply_frees_its_session(tmp_path: Path, cert
             return len(gw.server.sessions)
 
         wait_until(lambda: open_sessions() == 0, timeout=5, what="the reset sessions to end")
+
+
+def test_implicit_handshakes_count_against_max_connections(tmp_path: Path, certs: Certificates) -> None:
+    """Connections to the implicit listener that never finish their TLS handshake hold no more than
+    limits.max_connections: the next one is closed at once, without a handshake; once they go, clients are served."""
+    settings = gateway_settings(
+        tmp_path, tls=certs.settings(implicit_listen="127.0.0.1:0"), limits={"max_connections": 2}
+    )
+    with running(settings) as gw:
+        assert gw.server is not None and gw.server.implicit_port
+        port = gw.server.implicit_port
+        stalled = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        wait_until(lambda: gw.server is not None and gw.server.handshakes == 2, timeout=5, what="two handshakes")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as third:
+            assert third.recv(100) == b""  # closed at once, not after the handshake's time
+        for sock in stalled:
+            sock.close()
+        wait_until(lambda: gw.server is not None and gw.server.handshakes == 0, timeout=5, what="the handshakes to end")
+        gw.add_user("alice")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with certs.client_context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                assert tls.recv(100).startswith(b"220")

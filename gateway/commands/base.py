@@ -88,6 +88,8 @@ class CommandBase(aioftp.Server):
         self.sessions_closed = asyncio.Event()
         # Control connections at once (the next one gets 421): the setting, or what the open-files limit allows.
         self.max_connections = max_connections
+        # Implicit FTPS handshakes under way: they count against max_connections before their session exists.
+        self.handshakes = 0
         self.user_manager: DatabaseUserManager = user_manager
         # Users' byte and file quotas, and the usage every change of their files is counted in.
         self.quotas = Quotas(user_manager.store, settings.database.timeout)
