@@ -7,11 +7,12 @@ which this command cannot reach, so then it says so in one line (exit 2) instead
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import sys
 from typing import Any
 
 from gateway import runtime
-from gateway.bans import BannedIP, BanStoreError, NameFailures, RedisStore, canonical_ip, redis_store
+from gateway.bans import BannedIP, BanStoreError, NameFailures, RedisStore, ban_key, canonical_ip, redis_store
 from gateway.config import Settings
 
 PROG = "ftp-gateway"
@@ -25,16 +26,24 @@ def add_parser(commands: Any, common: argparse.ArgumentParser, parser_class: typ
         dest="ban_command", required=True, metavar="COMMAND", parser_class=parser_class
     )
     ban.add_parser("list", parents=[common], help="banned IPs and slowed user names").set_defaults(func=cmd_list)
-    delete = ban.add_parser("delete", parents=[common], help="lift an IP's ban (and forget its failed logins)")
+    delete = ban.add_parser(
+        "delete", parents=[common], help="lift the ban of an IP or IPv6 network (and forget its failed logins)"
+    )
     delete.add_argument("ip", type=ip_address, metavar="IP")
     delete.set_defaults(func=cmd_delete)
 
 
 def ip_address(text: str) -> str:
+    """An address (canonical) or a network as ``ban list`` shows it (``2001:db8:1:2::/64``); which network
+    bans are kept for is checked against the settings' ``bans.ipv6_prefix`` by :func:`cmd_delete`."""
+    text = text.strip()
     try:
-        return canonical_ip(text.strip())
+        if "/" in text:
+            return str(ipaddress.ip_network(text, strict=False))
+        return canonical_ip(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid IP address {text!r}") from None
+        what = "network" if "/" in text else "address"
+        raise argparse.ArgumentTypeError(f"invalid IP {what} {text!r}") from None
 
 
 def _store(settings: Settings) -> RedisStore | None:
@@ -81,13 +90,17 @@ def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_delete(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        key = ban_key(args.ip, settings.bans.ipv6_prefix)
+    except ValueError as exc:
+        return _fail(str(exc))
     store = _store(settings)
     if store is None:
         return EXIT_USAGE
 
     async def delete() -> bool:
         try:
-            return await store.delete(args.ip)
+            return await store.delete(key)
         finally:
             await store.aclose()
 
@@ -96,8 +109,8 @@ def cmd_delete(settings: Settings, args: argparse.Namespace) -> int:
     except BanStoreError as exc:
         return _fail(f"ban store: {exc}", EXIT_FAILURE)
     if not lifted:
-        return _fail(f"{args.ip} is not banned", EXIT_USAGE)
-    print(f"ban of {args.ip} lifted")
+        return _fail(f"{key} is not banned", EXIT_USAGE)
+    print(f"ban of {key} lifted")
     return 0
 
 

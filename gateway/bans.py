@@ -14,6 +14,11 @@
   Redis does not answer, the gateway logs it once and counts in memory (a ban made then holds on this replica), and
   asks Redis again every :data:`RETRY_AFTER` seconds; bans made in either place are honoured.
 
+* One client IP's PASS take turns in a server (:meth:`Bans.login_turn`), from the ban check until its failure is
+  counted: else N parallel connections would all pass the check before the first failure is counted. An IPv6 client
+  is counted per network (``bans.ipv6_prefix``, /64), as its addresses rotate within it (:func:`client_key`). Only
+  names a user can have are counted per name (:func:`counted_name`).
+
 Traps avoided: no module-level state (each server its own store); a black-holed Redis costs a new connection at most
 ``bans.redis_timeout`` once per :data:`RETRY_AFTER`, not on every connection; names an attacker makes up expire
 (memory is swept, Redis keys carry the window as expiry).
@@ -22,16 +27,18 @@ Traps avoided: no module-level state (each server its own store); a black-holed 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import secrets
 import time
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from gateway.config import BanSettings, Settings
+from gateway.users.store import NAME_PATTERN
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -48,27 +55,27 @@ SWEEP_EVERY = 1000
 # no more memory than this, and the delay has long reached its cap.
 KEPT_BEYOND_MAX = 64
 
-# KEYS: the IP's failures, the name's failures, the IP's ban. ARGV: window ms, max failures, ban ms, a unique id,
-# failures kept.
+# KEYS: the IP's ban, the IP's failures, the name's failures (absent: a name no user can have, not counted).
+# ARGV: window ms, max failures, ban ms, a unique id, failures kept.
 # Returns {state, ip failures, name failures}: state 0 not banned, 1 banned before, 2 banned by this failure.
 FAILURE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window = tonumber(ARGV[1])
-local counts = {}
-for i = 1, 2 do
+local counts = {0, 0}
+for i = 2, #KEYS do
   redis.call('ZADD', KEYS[i], now, now .. ':' .. ARGV[4])
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - window)
   redis.call('ZREMRANGEBYRANK', KEYS[i], 0, -tonumber(ARGV[5]) - 1)
   redis.call('PEXPIRE', KEYS[i], window)
-  counts[i] = redis.call('ZCARD', KEYS[i])
+  counts[i - 1] = redis.call('ZCARD', KEYS[i])
 end
 local state = 0
-if redis.call('PTTL', KEYS[3]) > 0 then
+if redis.call('PTTL', KEYS[1]) > 0 then
   state = 1
 elseif counts[1] >= tonumber(ARGV[2]) then
-  redis.call('SET', KEYS[3], counts[1], 'PX', ARGV[3])
-  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[1], counts[1], 'PX', ARGV[3])
+  redis.call('DEL', KEYS[2])
   state = 2
 end
 return {state, counts[1], counts[2]}
@@ -112,10 +119,11 @@ class BanStore(Protocol):
     async def banned(self, ip: str) -> float | None:
         """Seconds the IP stays banned, or None."""
 
-    async def check(self, ip: str, name: str) -> tuple[float | None, int]:
-        """Before a login: the IP's ban (as :meth:`banned`) and the name's failures in the window."""
+    async def check(self, ip: str, name: str | None) -> tuple[float | None, int]:
+        """Before a login: the IP's ban (as :meth:`banned`) and the name's failures in the window (0 for None)."""
 
-    async def failure(self, ip: str, name: str) -> Failure: ...
+    async def failure(self, ip: str, name: str | None) -> Failure:
+        """Count a failed login for the IP and the name (None: not counted per name, see :func:`counted_name`)."""
 
     async def bans(self) -> list[BannedIP]: ...
 
@@ -136,11 +144,39 @@ def canonical_ip(host: str) -> str:
     return str(ip)
 
 
-def _key_ip(host: str) -> str:
-    try:
-        return canonical_ip(host)
-    except ValueError:
-        return host  # a unix socket or a test's odd peer: counted under what it is
+def client_key(host: str, ipv6_prefix: int) -> str:
+    """What a client's failures, ban and connections are counted under: an IPv4 address (an IPv4-mapped IPv6
+    address as IPv4), an IPv6 address's ``/ipv6_prefix`` network (``2001:db8:1:2::/64``: one client's addresses
+    rotate within it), the IPv6 address itself at 128. ValueError for what is not an address."""
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        if ipv6_prefix < 128:
+            return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
+    return str(ip)
+
+
+def ban_key(text: str, ipv6_prefix: int) -> str:
+    """The key of what ``ban delete`` was given: an address, or the network ``ban list`` shows (its /ipv6_prefix);
+    ValueError otherwise, with one line for the operator."""
+    if "/" not in text:
+        return client_key(text, ipv6_prefix)
+    network = ipaddress.ip_network(text, strict=False)
+    if network.prefixlen == network.max_prefixlen or (network.version == 6 and network.prefixlen == ipv6_prefix):
+        return client_key(str(network.network_address), ipv6_prefix)
+    raise ValueError(
+        f"{text} is not what bans are kept for: an IPv4 address, or an IPv6 address or its /{ipv6_prefix} network "
+        "(bans.ipv6_prefix)"
+    )
+
+
+def counted_name(name: str) -> str | None:
+    """The name failures are counted under, or None: a name no user can have (``users.store.NAME_PATTERN``, at
+    most 64 characters) is not counted per name. Only an IP's count bans, and slowing a name nobody owns protects
+    nobody, while keeping every made-up name (up to the 64 KiB line limit) as a key in memory or Redis for a whole
+    window would let a botnet fill them."""
+    return name if NAME_PATTERN.fullmatch(name) else None
 
 
 class MemoryStore:
@@ -178,16 +214,18 @@ class MemoryStore:
             return None
         return remaining
 
-    async def check(self, ip: str, name: str) -> tuple[float | None, int]:
+    async def check(self, ip: str, name: str | None) -> tuple[float | None, int]:
+        if name is None:
+            return await self.banned(ip), 0
         return await self.banned(ip), self._count(self._name_failures, name, self._clock(), add=False)
 
-    async def failure(self, ip: str, name: str) -> Failure:
+    async def failure(self, ip: str, name: str | None) -> Failure:
         now = self._clock()
         self._added += 1
         if self._added % SWEEP_EVERY == 0:
             self._sweep(now)
         ip_failures = self._count(self._ip_failures, ip, now, add=True)
-        name_failures = self._count(self._name_failures, name, now, add=True)
+        name_failures = 0 if name is None else self._count(self._name_failures, name, now, add=True)
         if await self.banned(ip) is not None:
             return Failure(True, False, ip_failures, name_failures)
         if ip_failures < self._policy.max_failures:
@@ -260,14 +298,18 @@ class RedisStore:
         left = await self._call(self._redis.pttl(self._key("ip", ip)))
         return left / 1000 if left > 0 else None
 
-    async def check(self, ip: str, name: str) -> tuple[float | None, int]:
+    async def check(self, ip: str, name: str | None) -> tuple[float | None, int]:
+        if name is None:
+            return await self.banned(ip), 0
         keys = [self._key("ip", ip), self._key("name", name)]
         left, failures = await self._call(self._check(keys=keys, args=[int(self._policy.window * 1000)]))
         return (left / 1000 if left > 0 else None), int(failures)
 
-    async def failure(self, ip: str, name: str) -> Failure:
+    async def failure(self, ip: str, name: str | None) -> Failure:
         policy = self._policy
-        keys = [self._key("failures", ip), self._key("name", name), self._key("ip", ip)]
+        keys = [self._key("ip", ip), self._key("failures", ip)]
+        if name is not None:
+            keys.append(self._key("name", name))
         args: list[int | str] = [
             int(policy.window * 1000),
             policy.max_failures,
@@ -358,13 +400,13 @@ class FallbackStore:
             return local
         return await self._either(lambda: self.shared.banned(ip), lambda: self.memory.banned(ip))
 
-    async def check(self, ip: str, name: str) -> tuple[float | None, int]:
+    async def check(self, ip: str, name: str | None) -> tuple[float | None, int]:
         local = await self.memory.check(ip, name)
         if local[0] is not None:
             return local
         return await self._either(lambda: self.shared.check(ip, name), lambda: self.memory.check(ip, name))
 
-    async def failure(self, ip: str, name: str) -> Failure:
+    async def failure(self, ip: str, name: str | None) -> Failure:
         return await self._either(lambda: self.shared.failure(ip, name), lambda: self.memory.failure(ip, name))
 
     async def bans(self) -> list[BannedIP]:
@@ -408,6 +450,14 @@ class Audit(Protocol):
     def event(self, event: str, **fields: Any) -> None: ...
 
 
+@dataclass(slots=True)
+class _Turn:
+    """The lock of one client IP's logins, and how many PASS hold it or wait for it."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
 class Bans:
     """What the server asks of the bans, with its per-IP connection counts: one per server (never shared)."""
 
@@ -418,11 +468,39 @@ class Bans:
         self.store: BanStore = store or MemoryStore(settings.bans)
         # Control connections open per client IP (only counted when limits.max_connections_per_ip is set).
         self._open: Counter[str] = Counter()
+        # The login turns of client IPs with a PASS under way: deleted when the last one is done.
+        self._turns: dict[str, _Turn] = {}
+
+    def key(self, host: str) -> str:
+        """What ``host``'s failures, ban, connections and login turns are counted under (:func:`client_key`)."""
+        try:
+            return client_key(host, self._settings.bans.ipv6_prefix)
+        except ValueError:
+            return host  # a unix socket or a test's odd peer: counted under what it is
+
+    @contextlib.asynccontextmanager
+    async def login_turn(self, host: str) -> AsyncIterator[None]:
+        """One PASS at a time per client IP in this server, held from :meth:`before_login` until its failure is
+        counted (:meth:`failed`): else N parallel connections would all pass the ban check before the first
+        failure is counted, and an IP would get N guesses in place of ``bans.max_failures``. Other IPs never
+        wait; a user name is not serialized (its owner would queue behind a guesser's attempts)."""
+        ip = self.key(host)
+        turn = self._turns.get(ip)
+        if turn is None:
+            turn = self._turns[ip] = _Turn()
+        turn.users += 1
+        try:
+            async with turn.lock:
+                yield
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._turns[ip]
 
     async def refusal(self, host: str) -> tuple[str, str] | None:
         """Why a new control connection from ``host`` is refused, as (reason, the 421's text), or None: then it
         is counted as one of ``host``'s connections until :meth:`closed`."""
-        ip = _key_ip(host)
+        ip = self.key(host)
         left = await self.store.banned(ip)
         if left is not None:
             return "banned", f"Too many failed logins from your address; try again in {int(left) + 1} seconds."
@@ -437,14 +515,14 @@ class Bans:
         """A connection :meth:`refusal` let in has ended."""
         if not self._settings.limits.max_connections_per_ip:
             return
-        ip = _key_ip(host)
+        ip = self.key(host)
         self._open[ip] -= 1
         if self._open[ip] <= 0:
             del self._open[ip]
 
     async def before_login(self, host: str, name: str) -> tuple[bool, float]:
         """At PASS, before the password is checked: is the IP banned, and how long this name's logins wait."""
-        left, failures = await self.store.check(_key_ip(host), name)
+        left, failures = await self.store.check(self.key(host), counted_name(name))
         return left is not None, self.name_delay(failures)
 
     def name_delay(self, failures: int) -> float:
@@ -459,11 +537,12 @@ class Bans:
     async def failed(self, host: str, name: str) -> bool:
         """Count a failed login; True when the IP is banned (now or before)."""
         policy = self._settings.bans
-        failure = await self.store.failure(_key_ip(host), name)
+        ip = self.key(host)
+        failure = await self.store.failure(ip, counted_name(name))
         if failure.newly:
             logger.warning(
                 "client %s banned for %g seconds: %d failed logins within %g seconds",
-                host,
+                host if ip == host else f"{host} ({ip})",
                 policy.duration,
                 failure.ip_failures,
                 policy.window,

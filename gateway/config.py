@@ -198,6 +198,9 @@ class BanSettings(_Section):
     # A slowed user name: every PASS for it first waits limits.failed_login_delay, doubled with each further failure,
     # at most this many seconds (below the 20 s after which FileZilla gives up on a reply). 0: names are not slowed.
     name_delay_max: Annotated[float, Field(ge=0, le=60)] = 10.0
+    # IPv6 clients are counted, banned and limited per network of this prefix length (one client's addresses rotate
+    # within its /64); IPv4 ones per address. 128: per IPv6 address.
+    ipv6_prefix: Annotated[int, Field(ge=48, le=128)] = 64
     # redis:// URL of the store the replicas share. None: cluster.redis_url when set, else this process's memory.
     redis_url: str | None = None
     # Prefix of the bans' Redis keys (``PREFIX:bans:...``); None: cluster.key_prefix.

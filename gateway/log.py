@@ -34,6 +34,12 @@ class LogContext:
         return f"{self.client_host}:{self.client_port} {self.user or '-'}"
 
 
+def shown_name(name: str, limit: int = 64) -> str:
+    """A user name a client sent (up to a line, 64 KiB), for a log line or an audit event: at most ``limit``
+    characters, then ``…``."""
+    return name if len(name) <= limit else name[:limit] + "…"
+
+
 NO_SESSION = LogContext()
 # Set at the start of every command handler; transfer workers started from it inherit the value.
 log_context: ContextVar[LogContext] = ContextVar("ftp_gateway_session", default=NO_SESSION)

@@ -17,7 +17,7 @@ from pathlib import PurePosixPath
 from typing import Literal
 
 from gateway.datachannel import DataChannel
-from gateway.log import LogContext
+from gateway.log import LogContext, shown_name
 from gateway.users.manager import GatewayUser
 from pathio_backends.base import TransactionalPathIO
 
@@ -106,7 +106,8 @@ class SessionState:
 
     def log_context(self) -> LogContext:
         """The session for the log and the audit log (the USER name before PASS)."""
-        name = self.user.login if self.user is not None else self.login_name
+        # The USER name as sent is up to a line long (64 KiB): shortened, as every log line and event carries it.
+        name = self.user.login if self.user is not None else self.login_name and shown_name(self.login_name)
         return LogContext(self.session_id, self.client_host, self.client_port, name)
 
     def describe(self) -> str:

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from gateway import cli
 from gateway.audit import AuditLog
-from gateway.bans import Bans, BanStoreError, Failure, FallbackStore, MemoryStore, redis_store
+from gateway.bans import Bans, BanStoreError, Failure, FallbackStore, MemoryStore, ban_key, client_key, redis_store
 from gateway.config import BanSettings
 from gateway.config_permissions import secrets_in
 from gateway.metrics import Metrics
@@ -298,7 +299,7 @@ class FlakyShared(MemoryStore):
             raise BanStoreError("Redis unreachable: test")
         return await super().banned(ip)
 
-    async def failure(self, ip: str, name: str) -> Failure:
+    async def failure(self, ip: str, name: str | None) -> Failure:
         if not self.up:
             raise BanStoreError("Redis unreachable: test")
         return await super().failure(ip, name)
@@ -341,3 +342,162 @@ def test_serve_flags_and_the_cluster_redis_as_the_bans_store(tmp_path: Path) -> 
     assert store is not None and store.prefix == "east:bans:"
     asyncio.run(store.aclose())
     assert redis_store(gateway_settings(tmp_path)) is None
+
+
+# -- the review of the bans: parallel guesses, made-up names, IPv6 networks -----------------------------------
+
+
+def logins(gateway: GatewayThread, result: str) -> float:
+    assert gateway.server is not None
+    value = gateway.server.metrics.registry.get_sample_value("ftp_gateway_logins_total", {"result": result})
+    return value or 0.0
+
+
+def test_parallel_wrong_passwords_from_one_ip_get_no_more_checks_than_max_failures(tmp_path: Path) -> None:
+    """Ten connections from one address send a wrong PASS at once: its PASS take turns, so the third failure
+    bans it and the seven others get 421 without their password being checked."""
+    settings = gateway_settings(tmp_path, bans={**BANS, "max_failures": 3}, limits=LIMITS)
+    with running(settings) as gateway:
+        gateway.add_user("alice")
+        sessions = [connect(gateway, ATTACKER) for _ in range(10)]
+        try:
+            for ftp in sessions:
+                assert ftp.sendcmd("USER alice").startswith("331")
+            for ftp in sessions:
+                ftp.putcmd("PASS wrong")
+            replies = sorted(ftp.getline()[:3] for ftp in sessions)
+        finally:
+            for ftp in sessions:
+                ftp.close()
+        assert logins(gateway, "failure") == 3, replies  # passwords checked
+        assert replies == ["421"] * 8 + ["530"] * 2
+        assert (refused(gateway, ATTACKER) or "").startswith("421 Too many failed logins")
+        good_login(gateway)
+        assert gateway.server is not None and gateway.server.bans._turns == {}
+
+
+def test_login_turns_are_per_ip_and_forgotten_when_unused() -> None:
+    settings = gateway_settings(Path("/nonexistent"), bans={"ipv6_prefix": 64})
+    bans = Bans(settings, Metrics(), AuditLog("off"))
+    order: list[str] = []
+
+    async def login(host: str, tag: str) -> None:
+        async with bans.login_turn(host):
+            order.append(f"{tag}+")
+            await asyncio.sleep(0.05)
+            order.append(f"{tag}-")
+
+    async def scenario() -> None:
+        # a and b in one IPv6 /64 take turns; c (another address) is not held up by them.
+        await asyncio.gather(login("2001:db8::1", "a"), login("2001:db8::2", "b"), login("10.0.0.1", "c"))
+        assert order.index("b+") > order.index("a-") and order.index("c+") < order.index("a-"), order
+        assert bans._turns == {}
+        # A PASS cancelled while it waits for its turn (its connection closed) leaves nothing behind either.
+        holder = asyncio.create_task(login("10.0.0.1", "d"))
+        await asyncio.sleep(0)
+        waiter = asyncio.create_task(login("10.0.0.1", "e"))
+        await asyncio.sleep(0.01)
+        waiter.cancel()
+        await holder
+        assert "e+" not in order and bans._turns == {}
+
+    asyncio.run(scenario())
+
+
+def test_made_up_user_names_are_not_counted_per_name_and_are_shortened_in_logs(tmp_path: Path) -> None:
+    audit = tmp_path / "audit.jsonl"
+    settings = gateway_settings(tmp_path, bans={**BANS, "max_failures": 3}, limits=LIMITS, log={"audit": str(audit)})
+    long_name = "x" * 5000
+    with running(settings) as gateway:
+        gateway.add_user("alice")
+        for source in ("127.0.0.3", "127.0.0.4", "127.0.0.5"):
+            assert wrong_password(gateway, source, long_name).startswith("530")
+            assert wrong_password(gateway, source, "bad name!").startswith("530")
+        assert gateway.server is not None
+        bans = gateway.server.bans
+        assert gateway.call(bans.store.names) == []  # six failures, no name kept
+        assert gateway.call(lambda: bans.before_login("127.0.0.6", long_name)) == (False, 0.0)
+    events = [json.loads(line) for line in audit.read_text().splitlines()]
+    failed = [e for e in events if e["event"] == "login" and e["result"] == "failed"]
+    assert len(failed) == 6 and {e["user"] for e in failed} == {"x" * 64 + "…", "bad name!"}
+    assert max(len(line) for line in audit.read_text().splitlines()) < 1000
+
+
+def test_names_that_could_be_users_are_counted_and_slowed_invalid_ones_never() -> None:
+    settings = gateway_settings(
+        Path("/nonexistent"), bans={"max_failures": 2, "name_delay_max": 5}, limits={"failed_login_delay": 1}
+    )
+    bans = Bans(settings, Metrics(), AuditLog("off"))
+
+    async def scenario() -> None:
+        for index, name in enumerate(["alice", "alice", "a" * 65, "a" * 65, "x\r\ny", "x\r\ny"]):
+            await bans.failed(f"10.0.0.{index}", name)
+        assert await bans.before_login("10.0.0.9", "alice") == (False, 1.0)
+        assert await bans.before_login("10.0.0.9", "a" * 65) == (False, 0.0)
+        assert [(n.name, n.failures) for n in await bans.store.names()] == [("alice", 2)]
+
+    asyncio.run(scenario())
+
+
+def test_ipv6_clients_are_banned_per_network_ipv4_per_address() -> None:
+    settings = gateway_settings(Path("/nonexistent"), bans={"max_failures": 3})
+    assert settings.bans.ipv6_prefix == 64
+    bans = Bans(settings, Metrics(), AuditLog("off"))
+
+    async def scenario() -> None:
+        # Three addresses of one /64, each failing once: the network is banned, the next /64 is not.
+        assert [await bans.failed(f"2001:db8:1:2::{n}", "alice") for n in (1, 2, 3)] == [False, False, True]
+        assert (await bans.refusal("2001:db8:1:2:ffff::9") or ("",))[0] == "banned"
+        assert await bans.refusal("2001:db8:1:3::1") is None
+        # IPv4-mapped IPv6 is the IPv4 address; IPv4 neighbours are not banned with it.
+        for _ in range(3):
+            await bans.failed("::ffff:10.0.0.1", "alice")
+        assert (await bans.refusal("10.0.0.1") or ("",))[0] == "banned"
+        assert await bans.refusal("10.0.0.2") is None
+        assert [b.ip for b in await bans.store.bans()] == ["10.0.0.1", "2001:db8:1:2::/64"]
+        assert await bans.store.delete(ban_key("2001:db8:1:2::abcd", 64))
+        assert await bans.refusal("2001:db8:1:2::1") is None
+
+    asyncio.run(scenario())
+    assert client_key("2001:db8::1", 128) == "2001:db8::1" and client_key("2001:db8:0:ff::1", 48) == "2001:db8::/48"
+    assert ban_key("2001:db8:1:2::/64", 64) == ban_key("2001:db8:1:2::7/64", 64) == "2001:db8:1:2::/64"
+    assert ban_key("::ffff:10.0.0.1", 64) == ban_key("10.0.0.1/32", 64) == "10.0.0.1"
+    with pytest.raises(ValueError, match="/64 network"):
+        ban_key("2001:db8::/48", 64)
+    for bad in (47, 129):
+        with pytest.raises(ValidationError):
+            BanSettings(ipv6_prefix=bad)
+
+
+def test_ban_cli_lists_and_lifts_an_ipv6_network(
+    tmp_path: Path, redis_bans: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The Redis store keyed by network (and a failure with no name counted), read by ``ban list`` / ``delete``."""
+    config = tmp_path / "ban.toml"
+    config.write_text(
+        f'[bans]\nredis_url = "{REDIS_URL}"\nkey_prefix = "{redis_bans["key_prefix"]}"\nmax_failures = 2\n'
+    )
+    settings = gateway_settings(tmp_path, bans={**redis_bans, "max_failures": 2})
+    store = redis_store(settings)
+    assert store is not None
+    key = client_key("2001:db8:1:2::5", 64)
+
+    async def fail_twice() -> list[Failure]:
+        try:
+            return [await store.failure(key, None), await store.failure(key, None)]
+        finally:
+            await store.aclose()
+
+    first, second = asyncio.run(fail_twice())
+    assert (first.banned, first.name_failures, second.newly, second.ip_failures) == (False, 0, True, 2)
+    assert cli.main(["ban", "list", "--config", str(config)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[0::2] == ["2001:db8:1:2::/64", "2"] and len(out) == 2, out
+    assert cli.main(["ban", "delete", "2001:db8:1:2::/48", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "(bans.ipv6_prefix)" in err
+    assert cli.main(["ban", "delete", "2001:db8:1:2::abcd", "--config", str(config)]) == 0
+    assert capsys.readouterr().out == "ban of 2001:db8:1:2::/64 lifted\n"
+    with pytest.raises(SystemExit):
+        cli.main(["ban", "delete", "2001:db8::/300"])
+    assert "invalid IP network '2001:db8::/300'" in capsys.readouterr().err

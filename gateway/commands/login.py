@@ -14,7 +14,7 @@ import aioftp
 from aioftp.common import StreamThrottle
 
 from gateway.commands.base import CommandBase
-from gateway.log import log_context
+from gateway.log import log_context, shown_name
 from gateway.session import SessionState
 from gateway.users.manager import GatewayUser, UserDatabaseUnavailable
 
@@ -48,26 +48,32 @@ class LoginCommands(CommandBase):
         if name is None:
             connection.response("503", "Send USER first.")
             return True
-        banned, delay = await self.bans.before_login(session.client_host, name)
-        if banned:
-            logger.warning("login refused for %r: the client's address is banned", name)
-            self._login_refused(name, "421", "address banned")
-            connection.response("421", "Too many failed logins from your address; closing control connection.")
-            return False
-        if delay:
-            # A user name under attack: every login for it waits, before the password is checked (gateway.bans).
-            await asyncio.sleep(delay)
-        try:
-            outcome = await self.user_manager.login(name, rest)
-        except UserDatabaseUnavailable:
-            self._login_refused(name, "421", "user database unreachable")
-            connection.response("421", "Service not available: user database unreachable; try again later.")
-            return False
+        shown = shown_name(name)
+        # The client IP's turn, from the ban check until a failure is counted (gateway.bans.Bans.login_turn).
+        async with self.bans.login_turn(session.client_host):
+            banned, delay = await self.bans.before_login(session.client_host, name)
+            if banned:
+                logger.warning("login refused for %r: the client's address is banned", shown)
+                self._login_refused(shown, "421", "address banned")
+                connection.response("421", "Too many failed logins from your address; closing control connection.")
+                return False
+            if delay:
+                # A user name under attack: every login for it waits, before the password is checked (gateway.bans).
+                await asyncio.sleep(delay)
+            try:
+                outcome = await self.user_manager.login(name, rest)
+            except UserDatabaseUnavailable:
+                self._login_refused(shown, "421", "user database unreachable")
+                connection.response("421", "Service not available: user database unreachable; try again later.")
+                return False
+            if outcome.user is None:
+                logger.warning("login refused for %r: %s", shown, outcome.reason)
+                self.metrics.login("failure")
+                self.audit.event("login", user=shown, result="failed", code="530")
+                # Counted per client IP (a ban) and per user name (slowed): gateway.bans.
+                banned = await self.bans.failed(session.client_host, name)
         if outcome.user is None:
-            logger.warning("login refused for %r: %s", name, outcome.reason)
-            self.metrics.login("failure")
-            self.audit.event("login", user=name, result="failed", code="530")
-            return await self._login_failed(connection, session, name)
+            return await self._login_failed(connection, session, banned)
         user = outcome.user
         if (refusal := self.login_refusal(session, user)) is not None:
             logger.warning("login of %r refused: %s", name, refusal)
@@ -107,11 +113,10 @@ class LoginCommands(CommandBase):
         self.metrics.login("refused")
         self.audit.event("login", user=name, result="failed", code=code, reason=reason)
 
-    async def _login_failed(self, connection: aioftp.Connection, session: SessionState, name: str) -> bool:
+    async def _login_failed(self, connection: aioftp.Connection, session: SessionState, banned: bool) -> bool:
+        """A wrong password, already counted (``banned``: its IP is banned, now or before)."""
         session.login_name = None
         session.login_failures += 1
-        # Counted per client IP (a ban) and per user name (slowed): gateway.bans.
-        banned = await self.bans.failed(session.client_host, name)
         # Slows password guessing down; the session is closed after a few failures, or once its IP is banned.
         await asyncio.sleep(self.settings.limits.failed_login_delay)
         if banned:
