@@ -5,8 +5,16 @@ Usage lives in ``ftp_users.used_bytes`` and ``used_files`` (so every replica see
 a delta in one ``UPDATE`` (``UserStore.add_usage``) after each change that took effect: an upload committed
 (new file: its size and one file; an overwrite: the new size less the old; APPE: what was appended), a DELE (the
 size and one file less), an RNTO over an existing file (that file less; renaming a directory changes nothing).
-The size of what is replaced or deleted is learned with a stat before the change. The usage of every user is
-kept, with or without a quota, so a quota set later applies at once.
+The usage of every user is kept, with or without a quota, so a quota set later applies at once.
+
+The size of what is replaced or deleted is learned with a stat, and the stat, the change and its count are one
+critical section per user and path (``Quotas.changing``: an ``asyncio.Lock`` per path in use, weakly kept: it
+goes with its last user). Without it two sessions sending ``DELE x`` at once would both see the file, both
+delete it (S3's DeleteObject succeeds on a missing key) and both count it: "upload, double DELE" again and
+again would store without limit. Now the second finds nothing (550) and counts nothing. An upload holds no lock
+while it streams: it watches its path (``Quotas.watch``) and stats the file it replaces again, under the lock at
+its commit, only if a change of that path took effect in this process meanwhile (else its first stat still
+holds: no second HEAD on S3).
 
 What it does not promise:
 
@@ -14,6 +22,11 @@ What it does not promise:
   or replicas) each get that room, so together they may overshoot the quota by what they have in flight; the
   next upload then gets ``552`` at once. Reserving bytes up front would need the size in advance (FTP does not
   send it) or a reservation per block, one database write per block, which costs more than the overshoot.
+* The lock is per process. Replicas (or other tools) changing the same path at once can still count a change
+  twice, e.g. two gateways that both get ``DELE x`` at the same moment; ``ftp-gateway user rescan NAME`` recounts
+  it. (S3's DeleteObject succeeds on a missing key; no conditional delete is sent.) A rename of a directory
+  moves files whose own paths are not locked: a ``DELE`` of one of them at that moment may count a file that
+  the rename then keeps under its new name.
 * A failure of the database after a change took effect (the file is stored, deleted, renamed) does not undo
   the change or fail the command: it is logged, and the usage is off until ``ftp-gateway user rescan NAME``
   recounts it from the storage. So are files changed by other tools.
@@ -22,8 +35,13 @@ What it does not promise:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
-from dataclasses import dataclass
+import weakref
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import PurePath
 
 from gateway.errors import QuotaExceeded, QuotaUnavailable
 from gateway.users.db import describe_error
@@ -50,6 +68,44 @@ class UploadPlan:
         """The usage's change, in bytes and files, once the upload stored ``stored`` bytes and committed."""
         return self.kept + stored - self.old_size, 0 if self.existed else 1
 
+    def replacing(self, replaced: int | None) -> UploadPlan:
+        """The plan with the file replaced as it is at the commit (``replaced``: its size, None: none): the new
+        file is still ``kept`` and what was stored."""
+        return dataclasses.replace(self, existed=replaced is not None, old_size=replaced or 0)
+
+
+@dataclass(slots=True, weakref_slot=True)
+class _PathGuard:
+    """The lock of one user's path, while anything changes or uploads to it."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Changes made under the lock so far.
+    changes: int = 0
+
+
+class PathWatch:
+    """One path watched by an upload from before its first stat to its end."""
+
+    def __init__(self, guard: _PathGuard) -> None:
+        self._guard = guard
+        self._seen = guard.changes
+
+    @property
+    def changed(self) -> bool:
+        """Did a change of the path (in this process) take effect since the watch began? A stat taken after
+        it began and before this answers False still holds."""
+        return self._guard.changes != self._seen
+
+    @contextlib.asynccontextmanager
+    async def changing(self) -> AsyncIterator[None]:
+        """The critical section of a change of the path: stat, change, count. Counted as a change however it
+        ends (a change that failed half-way may have taken effect)."""
+        async with self._guard.lock:
+            try:
+                yield
+            finally:
+                self._guard.changes += 1
+
 
 class Quotas:
     """One per server: reads and changes usage through the user store, each call bounded by the database
@@ -58,6 +114,28 @@ class Quotas:
     def __init__(self, store: UserStore, timeout: float) -> None:
         self.store = store
         self.timeout = timeout
+        # The paths being changed or uploaded to, by user id and path. Weakly held: an entry goes with the last
+        # change or upload that uses it (however that ends), so the dict holds only what is in use.
+        self._guards: weakref.WeakValueDictionary[tuple[int, str], _PathGuard] = weakref.WeakValueDictionary()
+
+    def watch(self, user: GatewayUser, path: PurePath) -> PathWatch:
+        """Watch a path of the user's: an upload, from before it learns the size of the file it replaces to its
+        commit (the watch keeps the path's lock while it is referenced)."""
+        key = (user.user_id, str(path))
+        guard = self._guards.get(key)
+        if guard is None:
+            guard = self._guards[key] = _PathGuard()
+        return PathWatch(guard)
+
+    @contextlib.asynccontextmanager
+    async def changing(self, user: GatewayUser, *paths: PurePath) -> AsyncIterator[None]:
+        """The critical section of a change of the user's paths (DELE: one; RNTO: source and target): the stat
+        of what it removes, the change and its count. Locks are taken in the paths' order (no deadlock between
+        a rename a to b and one b to a)."""
+        async with contextlib.AsyncExitStack() as stack:
+            for path in sorted({str(path): path for path in paths}.values(), key=str):
+                await stack.enter_async_context(self.watch(user, path).changing())
+            yield
 
     async def plan_upload(self, user: GatewayUser, replaced: int | None, *, offset: int, append: bool) -> UploadPlan:
         """The upload's plan; QuotaExceeded (552) if the user is already at a quota, QuotaUnavailable (451) if

@@ -266,6 +266,11 @@ class TransactionalPathIO(AbstractPathIO[Path]):
     def _forget_listed(self) -> None:
         self._listed.clear()
 
+    def forget_listed(self) -> None:
+        """Drop what the last listing told: the next query asks the storage (what a count is taken from must
+        not be up to ``LISTING_CACHE_SECONDS`` old)."""
+        self._forget_listed()
+
     async def _cached_probe(self, path: Path) -> os.stat_result | None:
         cached = self._listed_stat(path)
         return cached if cached is not None else await self._probe(path)

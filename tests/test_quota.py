@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ftplib
+import gc
 import json
 import logging
 from collections.abc import Iterator
@@ -279,3 +280,54 @@ def test_a_database_error_while_counting_loses_no_upload(
     assert upload(ftp, "next.bin", b"more").startswith("226")
     assert usage(gateway, "unlucky") == (4, 1)
     ftp.quit()
+
+
+def at_once(commands: list[tuple[ftplib.FTP, str]]) -> list[str]:
+    """Send each command on its session before reading any reply, so that the gateway handles them at once; the
+    reply codes, in the commands' order."""
+    for ftp, line in commands:
+        ftp.putcmd(line)
+    return [ftp.getline()[:3] for ftp, _ in commands]
+
+
+def guards_in_use(gw: GatewayThread) -> int:
+    assert gw.server is not None
+    quotas = gw.server.quotas
+
+    async def count() -> int:
+        gc.collect()  # a lock kept only by a reference cycle (an exception's traceback) goes as well
+        return len(quotas._guards)
+
+    return gw.call(count)
+
+
+def test_changes_of_one_file_sent_at_once_are_counted_once(gateway: GatewayThread) -> None:
+    """Two sessions deleting (or renaming) one file at once: one succeeds, the other finds nothing and counts
+    nothing, so "upload, double DELE" gives no room for free. Two uploads over one file at once: each counts what
+    it replaced."""
+    gateway.add_user("racing", quota_bytes=5000)
+    one, two = connect(gateway, "racing"), connect(gateway, "racing")
+    for round_ in range(3):
+        assert upload(one, "x.bin", random_bytes(1000, seed=round_)).startswith("226")
+        assert sorted(at_once([(one, "DELE x.bin"), (two, "DELE x.bin")])) == ["250", "550"]
+        assert usage(gateway, "racing") == (0, 0) == stored(gateway, "racing")
+
+    # Two renames of one file (on S3 each a copy and a delete): one moves it, the other finds nothing.
+    assert upload(one, "a.bin", random_bytes(700)).startswith("226")
+    one.sendcmd("RNFR a.bin")
+    two.sendcmd("RNFR a.bin")
+    assert sorted(at_once([(one, "RNTO b.bin"), (two, "RNTO c.bin")])) == ["250", "550"]
+    assert usage(gateway, "racing") == (700, 1) == stored(gateway, "racing")
+
+    # Two overwrites of one file at once: the second to commit replaces the first one's file, not the old one.
+    (name,) = gateway.files.files("racing")
+    conns = [ftp.transfercmd(f"STOR {name}") for ftp in (one, two)]
+    for conn, size in zip(conns, (300, 200), strict=True):
+        conn.sendall(random_bytes(size, seed=size))
+        conn.close()
+    assert [one.voidresp()[:3], two.voidresp()[:3]] == ["226", "226"]
+    assert usage(gateway, "racing") == stored(gateway, "racing")
+    assert stored(gateway, "racing")[1] == 1
+    one.quit()
+    two.quit()
+    assert guards_in_use(gateway) == 0

@@ -38,13 +38,17 @@ class FileCommands(CommandBase):
     @checks(LOGGED_IN, aioftp.PathPermissions(aioftp.PathPermissions.writable))
     async def dele(self, connection: aioftp.Connection, rest: str | PurePosixPath) -> bool:
         # aioftp's asks exists, then is_file; one stat gives that and the size the usage loses.
+        # The stat, the delete and the count are one critical section: of two sessions deleting a file at once, the
+        # second finds nothing (on S3 its delete would succeed all the same, and count the file twice).
         session = self.session(connection)
         real_path, virtual_path = self.get_paths(connection, rest)
-        st = await self.regular_file(connection, real_path)
-        if st is not None:
-            await session.path_io.unlink(real_path)
-            await self.quotas.record(connection.user, -st.st_size, -1, f"delete of {virtual_path}")
-            connection.response("250", "File deleted.")
+        async with self.quotas.changing(connection.user, real_path):
+            session.path_io.forget_listed()
+            st = await self.regular_file(connection, real_path)
+            if st is not None:
+                await session.path_io.unlink(real_path)
+                await self.quotas.record(connection.user, -st.st_size, -1, f"delete of {virtual_path}")
+                connection.response("250", "File deleted.")
         return True
 
     @checks(
@@ -62,20 +66,25 @@ class FileCommands(CommandBase):
         source = connection.rename_from
         del connection.rename_from
         path_io = session.path_io
-        target = None if real_path == source else await self.stat_or_none(session, real_path)
         if real_path == source:
             connection.response("250", "Rename successful (same name).")
-        elif target is not None and stat.S_ISDIR(target.st_mode):
-            connection.response("550", "Destination is a directory.")
-        elif target is not None and await path_io.is_dir(source):
-            connection.response("550", "Destination exists.")
-        elif real_path.is_relative_to(source):
-            connection.response("550", "Cannot move a directory into itself.")
-        else:
-            await path_io.rename(source, real_path)
-            if target is not None:
-                await self.quotas.record(connection.user, -target.st_size, -1, f"rename over {virtual_path}")
-            connection.response("250", "Rename successful.")
+            return True
+        # Source and target locked as DELE locks its file: a rename over a file counts it once, and two renames of
+        # one file at once (on S3 a copy and a delete each) do not both copy it.
+        async with self.quotas.changing(connection.user, source, real_path):
+            path_io.forget_listed()
+            target = await self.stat_or_none(session, real_path)
+            if target is not None and stat.S_ISDIR(target.st_mode):
+                connection.response("550", "Destination is a directory.")
+            elif target is not None and await path_io.is_dir(source):
+                connection.response("550", "Destination exists.")
+            elif real_path.is_relative_to(source):
+                connection.response("550", "Cannot move a directory into itself.")
+            else:
+                await path_io.rename(source, real_path)
+                if target is not None:
+                    await self.quotas.record(connection.user, -target.st_size, -1, f"rename over {virtual_path}")
+                connection.response("250", "Rename successful.")
         return True
 
     @checks(LOGGED_IN, aioftp.PathPermissions(aioftp.PathPermissions.readable))

@@ -55,6 +55,10 @@ class TransferCommands(CommandBase):
         settings = self.settings.transfer
         offset = session.take_restart_offset()
         real_path, virtual_path = self.get_paths(connection, rest)
+        user: GatewayUser = connection.user  # set at login (LOGGED_IN)
+        # Watched from before the first stat of the file replaced to the commit (``receive`` keeps it): see
+        # ``gateway.quota``.
+        watched = self.quotas.watch(user, real_path)
         if offset:
             # One stat (a missing file is a 550 from the errors table), not is_file and then stat.
             st = await session.path_io.stat(real_path)
@@ -67,7 +71,6 @@ class TransferCommands(CommandBase):
         else:
             # The file replaced, if any (its size, and whether the upload makes a new file): for the quota.
             old_size = await session.path_io.file_size(real_path)
-        user: GatewayUser = connection.user  # set at login (LOGGED_IN)
         plan = await self.quotas.plan_upload(user, old_size, offset=offset, append=mode == "ab")  # 552 if at a quota
 
         watch = TransferWatch(self, session, "upload", virtual_path)
@@ -83,10 +86,18 @@ class TransferCommands(CommandBase):
                 grace = min(settings.close_grace, settings.close_grace_fraction * (time.monotonic() - started))
                 if await control_connection_lost(connection, grace):
                     raise DataConnectionError("control connection closed before the upload ended")
-                await upload.commit()
+                # The size of the file replaced, the commit and the count are one critical section of the path. The
+                # first stat still holds unless a change of the path took effect since (two uploads over one file).
+                async with watched.changing():
+                    if watched.changed:
+                        session.path_io.forget_listed()
+                        final = plan.replacing(await session.path_io.file_size(real_path))
+                    else:
+                        final = plan
+                    await upload.commit()
+                    await self.quotas.record(user, *final.change(stored), f"upload of {virtual_path}")
             finally:
                 await upload.abort()  # nothing, once committed
-            await self.quotas.record(user, *plan.change(stored), f"upload of {virtual_path}")
             logger.info("stored %s (%d bytes%s)", virtual_path, received, f" at {offset}" if offset else "")
             connection.response("226", "Transfer complete.")
 
