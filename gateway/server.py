@@ -425,6 +425,8 @@ async def running_gateway(settings: Settings, *, reuse_port: bool = False) -> As
         stack.callback(passwords.close)
         server = GatewayServer(settings, DatabaseUserManager(store, settings, resources, passwords))
         resources.observer = server.metrics
+        # Usage not written yet goes to the database after the last session (and before the engine closes).
+        stack.push_async_callback(server.quotas.aclose)
         if server.pump is not None:
             stack.callback(server.pump.close)
         if (ban_store := make_store(settings)) is not None:
