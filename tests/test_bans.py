@@ -6,11 +6,14 @@ every connection the server refuses gets 421 first."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ftplib
 import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -26,7 +29,15 @@ from gateway.bans import Bans, BanStoreError, Failure, FallbackStore, MemoryStor
 from gateway.config import BanSettings
 from gateway.config_permissions import secrets_in
 from gateway.metrics import Metrics
-from tests.helpers import GatewayThread, gateway_settings, missing, running, wait_until
+from tests.helpers import (
+    GatewayThread,
+    free_passive_range,
+    gateway_settings,
+    missing,
+    running,
+    stop_server,
+    wait_until,
+)
 
 REDIS_URL = os.environ.get("FTP_GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 ATTACKER = "127.0.0.2"
@@ -91,6 +102,27 @@ def good_login(gateway: GatewayThread) -> None:
         ftp.close()
 
 
+@contextlib.contextmanager
+def serve(tmp_path: Path, config: Path) -> Iterator[int]:
+    """``ftp-gateway serve`` with ``config``, in a process of its own; its control port."""
+    low, high = free_passive_range(10)
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ftp-gateway")), "serve", "--workers", "1", "--config", str(config),
+         "--listen", "127.0.0.1:0", "--admin-listen", "off", "--passive-ports", f"{low}-{high}",
+         "--database", f"sqlite:///{tmp_path / 'third.db'}", "--storage", f"file://{tmp_path}/third/{{username}}"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("listening on ftp://127.0.0.1:"), line
+        yield int(line.rsplit(":", 1)[1])
+    finally:
+        stop_server(process)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
 def refusals(gateway: GatewayThread, reason: str) -> float:
     assert gateway.server is not None
     value = gateway.server.metrics.registry.get_sample_value(
@@ -133,7 +165,7 @@ def test_two_gateways_share_the_bans_in_redis_and_ban_cli_lists_and_lifts_them(
     config.write_text(
         f'[bans]\nredis_url = "{REDIS_URL}"\nkey_prefix = "{redis_bans["key_prefix"]}"\nmax_failures = 5\n'
     )
-    with running(first_settings) as first, running(second_settings) as second:
+    with running(first_settings) as first, running(second_settings) as second, serve(tmp_path, config) as third:
         first.add_user("alice")
         second.add_user("alice")
         replies = [wrong_password(first, ATTACKER) for _ in range(4)] + [wrong_password(second, ATTACKER)]
@@ -141,6 +173,9 @@ def test_two_gateways_share_the_bans_in_redis_and_ban_cli_lists_and_lifts_them(
         for gateway in (first, second):
             assert (refused(gateway, ATTACKER) or "").startswith("421 Too many failed logins"), gateway.port
             good_login(gateway)
+        # A gateway in a process of its own (``ftp-gateway serve``) on the same Redis refuses the address too.
+        with ftplib.FTP(source_address=(ATTACKER, 0)) as ftp, pytest.raises(ftplib.error_temp, match="^421 Too many"):
+            ftp.connect("127.0.0.1", third, timeout=10)
 
         assert cli.main(["ban", "list", "--config", str(config)]) == 0
         out = capsys.readouterr().out.splitlines()
