@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import sys
 from typing import Any
 
 from gateway import runtime
-from gateway.bans import BannedIP, BanStoreError, NameFailures, RedisStore, ban_key, canonical_ip, redis_store
+from gateway.bans import BannedIP, BanStoreError, NameFailures, RedisStore, ban_key, client_key, redis_store
+from gateway.cli_types import EXIT_FAILURE, CliError
 from gateway.config import Settings
-
-PROG = "ftp-gateway"
-EXIT_USAGE = 2
-EXIT_FAILURE = 1
 
 
 def add_parser(commands: Any, common: argparse.ArgumentParser, parser_class: type[argparse.ArgumentParser]) -> None:
@@ -40,26 +36,24 @@ def ip_address(text: str) -> str:
     try:
         if "/" in text:
             return str(ipaddress.ip_network(text, strict=False))
-        return canonical_ip(text)
+        return client_key(text, 128)  # the address itself, spelt one way
     except ValueError:
         what = "network" if "/" in text else "address"
         raise argparse.ArgumentTypeError(f"invalid IP {what} {text!r}") from None
 
 
-def _store(settings: Settings) -> RedisStore | None:
+def _store(settings: Settings) -> RedisStore:
     store = redis_store(settings)
     if store is None:
-        _fail(
+        raise CliError(
             "bans are kept in the memory of the serving process (bans.redis_url is not set); "
-            "they end with it or when they expire",
+            "they end with it or when they expire"
         )
     return store
 
 
 def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
     store = _store(settings)
-    if store is None:
-        return EXIT_USAGE
 
     async def fetch() -> tuple[list[BannedIP], list[NameFailures]]:
         try:
@@ -70,7 +64,7 @@ def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
     try:
         banned, names = runtime.run(fetch(), "asyncio")
     except BanStoreError as exc:
-        return _fail(f"ban store: {exc}", EXIT_FAILURE)
+        raise CliError(f"ban store: {exc}", EXIT_FAILURE) from None
     policy = settings.bans
     if banned:
         _table([("IP", "REMAINING", "FAILURES"), *((b.ip, _duration(b.remaining), str(b.failures)) for b in banned)])
@@ -93,10 +87,8 @@ def cmd_delete(settings: Settings, args: argparse.Namespace) -> int:
     try:
         key = ban_key(args.ip, settings.bans.ipv6_prefix)
     except ValueError as exc:
-        return _fail(str(exc))
+        raise CliError(str(exc)) from None
     store = _store(settings)
-    if store is None:
-        return EXIT_USAGE
 
     async def delete() -> bool:
         try:
@@ -107,9 +99,9 @@ def cmd_delete(settings: Settings, args: argparse.Namespace) -> int:
     try:
         lifted = runtime.run(delete(), "asyncio")
     except BanStoreError as exc:
-        return _fail(f"ban store: {exc}", EXIT_FAILURE)
+        raise CliError(f"ban store: {exc}", EXIT_FAILURE) from None
     if not lifted:
-        return _fail(f"{key} is not banned", EXIT_USAGE)
+        raise CliError(f"{key} is not banned")
     print(f"ban of {key} lifted")
     return 0
 
@@ -124,8 +116,3 @@ def _table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
-
-
-def _fail(message: str, code: int = EXIT_USAGE) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return code

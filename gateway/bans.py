@@ -136,14 +136,6 @@ class BanStore(Protocol):
     async def aclose(self) -> None: ...
 
 
-def canonical_ip(host: str) -> str:
-    """One spelling per address (an IPv4-mapped IPv6 address as IPv4); ValueError for what is not an address."""
-    ip = ipaddress.ip_address(host.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
-
-
 def client_key(host: str, ipv6_prefix: int) -> str:
     """What a client's failures, ban and connections are counted under: an IPv4 address (an IPv4-mapped IPv6
     address as IPv4), an IPv6 address's ``/ipv6_prefix`` network (``2001:db8:1:2::/64``: one client's addresses

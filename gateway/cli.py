@@ -22,6 +22,9 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from gateway import __version__, ban_cli, cli_users, runtime, s3_cleanup
 from gateway import log as gateway_log
 from gateway.cli_types import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    CliError,
     ban_options,
     ban_overrides,
     common_options,
@@ -47,18 +50,10 @@ if TYPE_CHECKING:
     from gateway.server import GatewayServer
 
 PROG = "ftp-gateway"
-EXIT_USAGE = 2
-EXIT_FAILURE = 1
 # What binding the listening socket fails with (anything else is not about the address).
 LISTEN_ERRNOS = {errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES}
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
-
-
-class CliError(Exception):
-    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class Parser(argparse.ArgumentParser):

@@ -12,6 +12,19 @@ from typing import Any
 from gateway.config import parse_host_port, parse_port_range
 from gateway.users.store import PERMISSION_MODES, TLS_MODES, UserError, parse_permission
 
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class CliError(Exception):
+    """A command's failure: ``cli.main`` prints it as one line (``ftp-gateway: error: ...``) and exits with ``code``
+    (2: bad input or configuration; 1: something it needs cannot be reached)."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 _SIZE = re.compile(r"(\d+)\s*([kmgt]?)(i?b)?(/s)?", re.IGNORECASE)
 
 
