@@ -10,7 +10,7 @@ import ipaddress
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, BinaryIO, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -347,20 +347,27 @@ def parse_port_range(value: str) -> tuple[int, int]:
     return int(low), int(high)
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
+def open_file(path: Path, what: str, error: type[ConfigError] = ConfigError) -> BinaryIO:
+    """``path`` opened for reading; a file missing, a directory or not readable is ``error``, one line naming
+    ``what`` ("config file", "TLS key file") and the path."""
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
+        return path.open("rb")
     except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} not found") from None
+        raise error(f"{what} {str(path)!r} not found") from None
     except IsADirectoryError:
-        raise ConfigError(f"config file {str(path)!r} is a directory") from None
+        raise error(f"{what} {str(path)!r} is a directory") from None
     except PermissionError:
-        raise ConfigError(f"config file {str(path)!r} is not readable") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
+        raise error(f"{what} {str(path)!r} is not readable") from None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    with open_file(path, "config file") as f:
+        try:
+            return tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
 
 
 def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:

@@ -21,7 +21,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from gateway.config import ConfigError, Settings, TLSSettings, parse_host_port
+from gateway.config import ConfigError, Settings, TLSSettings, open_file, parse_host_port
 
 logger = logging.getLogger(__name__)
 
@@ -96,15 +96,8 @@ def make_context(settings: TLSSettings) -> ssl.SSLContext:
 
 
 def _readable(what: str, path: Path) -> None:
-    try:
-        with path.open("rb") as f:
-            f.read(1)
-    except FileNotFoundError:
-        raise TLSError(f"TLS {what} file {str(path)!r} not found") from None
-    except IsADirectoryError:
-        raise TLSError(f"TLS {what} file {str(path)!r} is a directory") from None
-    except PermissionError:
-        raise TLSError(f"TLS {what} file {str(path)!r} is not readable") from None
+    with open_file(path, f"TLS {what} file", TLSError) as f:
+        f.read(1)
 
 
 def check(settings: Settings, workers: int = 1) -> None:
