@@ -343,16 +343,21 @@ def reset_moto(endpoint: str) -> None:
         pass
 
 
-def create_test_bucket(endpoint: str) -> None:
+def moto_client(endpoint: str) -> Any:
+    """A boto3 S3 client of the moto server at ``endpoint``, with the tests' credentials (close it after use)."""
     import boto3
 
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
+        aws_access_key_id=S3_CREDENTIALS["access_key_id"],
+        aws_secret_access_key=S3_CREDENTIALS["secret_access_key"],
+        region_name=S3_CREDENTIALS["region"],
     )
+
+
+def create_test_bucket(endpoint: str) -> None:
+    client = moto_client(endpoint)
     try:
         client.create_bucket(Bucket=S3_BUCKET)
     finally:

@@ -15,11 +15,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
 import pytest
 
 from pathio_backends.base import RESERVED_PREFIX
-from tests.helpers import S3_BUCKET, S3_CREDENTIALS, MiB, free_passive_range, random_bytes, stop_server, wait_until
+from tests.helpers import (
+    S3_BUCKET,
+    S3_CREDENTIALS,
+    MiB,
+    free_passive_range,
+    moto_client,
+    random_bytes,
+    stop_server,
+    wait_until,
+)
 
 SIZE = 50 * MiB
 CHUNK = 256 * 1024
@@ -75,13 +83,7 @@ def serve(tmp_path: Path, backend: str, endpoint: str | None, *extra: str) -> It
             "FTP_GATEWAY_S3__SECRET_ACCESS_KEY": S3_CREDENTIALS["secret_access_key"],
             "FTP_GATEWAY_S3__REGION": S3_CREDENTIALS["region"],
         }
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id=S3_CREDENTIALS["access_key_id"],
-            aws_secret_access_key=S3_CREDENTIALS["secret_access_key"],
-            region_name=S3_CREDENTIALS["region"],
-        )
+        s3 = moto_client(endpoint)
     else:
         storage = f"file://{tmp_path}/data/{{username}}"
     database = f"sqlite:///{tmp_path / 'users.db'}"

@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from botocore.exceptions import ConnectionClosedError, EndpointConnectionError, ReadTimeoutError
 
@@ -31,6 +30,7 @@ from tests.helpers import (
     MiB,
     create_test_bucket,
     gateway_settings,
+    moto_client,
     random_bytes,
     reset_moto,
     running,
@@ -42,16 +42,6 @@ from tests.helpers import (
 # connection closed (426), the session ended with a reason (421).
 FAULT_REPLIES = ("451", "426", "421")
 PREFIX = "users/alice/"
-
-
-def s3_client(endpoint: str) -> Any:
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
 
 
 def pending(s3: Any) -> list[str]:
@@ -140,7 +130,7 @@ def test_s3_killed_during_an_upload_then_back(tmp_path: Path, fault_counts: Coun
     moto = MotoProcess().start()
     try:
         create_test_bucket(moto.endpoint)
-        s3 = s3_client(moto.endpoint)
+        s3 = moto_client(moto.endpoint)
         settings = gateway_settings(
             tmp_path,
             s3_endpoint=moto.endpoint,
@@ -194,7 +184,7 @@ def proxy(s3_endpoint: str, fault_counts: Counter[str], monkeypatch: pytest.Monk
 
 @pytest.fixture
 def direct_s3(s3_endpoint: str) -> Iterator[Any]:
-    s3 = s3_client(s3_endpoint)
+    s3 = moto_client(s3_endpoint)
     yield s3
     s3.close()
 
@@ -349,7 +339,7 @@ def login_outcome(gateway: GatewayThread) -> str:
 def test_database_connections_killed_during_logins_and_a_transfer(
     tmp_path: Path, database_url: str, s3_endpoint: str, fault_counts: Counter[str]
 ) -> None:
-    s3 = s3_client(s3_endpoint)
+    s3 = moto_client(s3_endpoint)
     settings = gateway_settings(tmp_path, database_url, s3_endpoint=s3_endpoint, database={"timeout": 2})
     with running(settings) as gateway:
         gateway.add_user("alice")

@@ -17,7 +17,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from aiohttp import ClientSession, web
 
@@ -25,7 +24,7 @@ from gateway.cli import main
 from gateway.s3_cleanup import cleanup
 from pathio_backends.s3.settings import S3Settings
 from pathio_backends.uri import S3Location
-from tests.helpers import S3_BUCKET, S3_CREDENTIALS
+from tests.helpers import S3_BUCKET, S3_CREDENTIALS, moto_client
 
 UPLOAD = re.compile(rb"<Upload>.*?</Upload>", re.DOTALL)
 KEY = re.compile(rb"<Key>(.*?)</Key>")
@@ -97,13 +96,7 @@ def proxy(s3_endpoint: str) -> Iterator[InitiatedProxy]:
 
 @pytest.fixture
 def moto(s3_endpoint: str) -> Any:
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        aws_access_key_id=S3_CREDENTIALS["access_key_id"],
-        aws_secret_access_key=S3_CREDENTIALS["secret_access_key"],
-        region_name=S3_CREDENTIALS["region"],
-    )
+    client = moto_client(s3_endpoint)
     yield client
     client.close()
 
