@@ -110,6 +110,12 @@ def config_for(tmp_path: Path, endpoint: str, monkeypatch: pytest.MonkeyPatch) -
     return str(path)
 
 
+@pytest.fixture
+def config(tmp_path: Path, proxy: InitiatedProxy, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A config file whose S3 is the proxy in front of the test's moto."""
+    return config_for(tmp_path, proxy.url, monkeypatch)
+
+
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     try:
         code = main(list(argv))
@@ -142,14 +148,8 @@ def uploads(moto: Any, proxy: InitiatedProxy) -> dict[str, str]:
 
 
 def test_cleanup_aborts_only_old_uploads_under_the_prefix(
-    capsys: pytest.CaptureFixture[str],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    proxy: InitiatedProxy,
-    moto: Any,
-    uploads: dict[str, str],
+    capsys: pytest.CaptureFixture[str], config: str, moto: Any, uploads: dict[str, str]
 ) -> None:
-    config = config_for(tmp_path, proxy.url, monkeypatch)
     code, out, err = run(capsys, "s3", "cleanup", f"s3://{S3_BUCKET}/inbox", "--older-than", "24h", "--config", config)
     assert code == 0, err
     assert pending(moto) == {"inbox/young.bin", "outside/old.bin"}
@@ -158,14 +158,8 @@ def test_cleanup_aborts_only_old_uploads_under_the_prefix(
 
 
 def test_dry_run_lists_the_old_uploads_and_aborts_nothing(
-    capsys: pytest.CaptureFixture[str],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    proxy: InitiatedProxy,
-    moto: Any,
-    uploads: dict[str, str],
+    capsys: pytest.CaptureFixture[str], config: str, moto: Any, uploads: dict[str, str]
 ) -> None:
-    config = config_for(tmp_path, proxy.url, monkeypatch)
     before = pending(moto)
     code, out, err = run(capsys, "s3", "cleanup", f"s3://{S3_BUCKET}/inbox", "--dry-run", "--config", config)
     assert code == 0, err
@@ -176,14 +170,8 @@ def test_dry_run_lists_the_old_uploads_and_aborts_nothing(
 
 
 def test_zero_cutoff_takes_every_upload_under_the_prefix(
-    capsys: pytest.CaptureFixture[str],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    proxy: InitiatedProxy,
-    moto: Any,
-    uploads: dict[str, str],
+    capsys: pytest.CaptureFixture[str], config: str, moto: Any, uploads: dict[str, str]
 ) -> None:
-    config = config_for(tmp_path, proxy.url, monkeypatch)
     code, _, err = run(capsys, "s3", "cleanup", f"s3://{S3_BUCKET}/inbox/", "--older-than", "0", "--config", config)
     assert code == 0, err
     assert pending(moto) == {"outside/old.bin"}
@@ -196,10 +184,7 @@ def test_moto_reports_a_fixed_initiated(moto: Any) -> None:
     assert initiated == {datetime(2010, 11, 10, 20, 48, 33, tzinfo=UTC)}
 
 
-def test_missing_bucket_is_one_line_exit_1(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, proxy: InitiatedProxy
-) -> None:
-    config = config_for(tmp_path, proxy.url, monkeypatch)
+def test_missing_bucket_is_one_line_exit_1(capsys: pytest.CaptureFixture[str], config: str) -> None:
     code, out, err = run(capsys, "s3", "cleanup", "s3://no-such-bucket/x", "--config", config)
     assert code == 1, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
