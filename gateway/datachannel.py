@@ -180,8 +180,9 @@ class DataChannel:
         # resume its session when ``tls_reuse``. None: PROT C, plain.
         self.tls: ssl.SSLContext | None = None
         self.tls_reuse = True
-        # The control connection's TLS session id, which a resumed data connection carries (TLS 1.3, and TLS 1.2
-        # resumed by id); None: unknown (TLS 1.2 with a ticket, where the resumed id is the client's own pick).
+        # The control connection's TLS session id, which a resumed data connection carries (the server issues no
+        # stateless tickets, so every session has one in its cache: ``gateway.tls``); None: the control connection
+        # reported none, and then only a resumption is required.
         self.tls_session_id: bytes | None = None
 
     @property
